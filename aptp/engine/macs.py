@@ -1,0 +1,228 @@
+"""Multiply-accumulates (MACs) of a U-Net and of any architecture vector, analytic and counted.
+
+Convention (DESIGN.md §3): one U-Net forward, batch 1, ``text_len`` text tokens, MACs = FLOPs/2,
+counting convolutions, linear layers and attention matmuls (cross-attention keys have the text
+length); norms and element-wise operations are excluded.
+
+*Analytic* MACs are an exact bilinear function of the architecture vector::
+
+    MACs(v) = c0 + Σ_d u_d · c_d + Σ_i w_i · v_i · (u_{d(i)} if unit i lies in depth block d(i) else 1)
+
+where ``w_i`` is the MACs of one width unit (every conv/linear row or column and attention
+matmul it owns), ``c_d`` the fixed MACs of depth block ``d`` and ``c0`` everything else. The
+coefficients come from the layer shapes recorded in one forward pass on the *meta* device, so the
+function is differentiable in soft vectors (for the resource loss) and costs one matmul.
+
+*Counted* MACs run ``torch.utils.flop_counter.FlopCounterMode`` over a model on the meta device
+(on real CPU tensors torch charges the SDPA kernel 0 FLOPs). Tests check both agree.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from aptp.engine.space import ArchSpace
+
+
+def meta_clone(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` on the meta device, without copying any weight data."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _dummy_inputs(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int, batch: int = 1):
+    h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
+    cfg = unet.config
+    sample = torch.zeros(batch, cfg.in_channels, h, w, device="meta")
+    text = torch.zeros(batch, text_len, cfg.cross_attention_dim, device="meta")
+    t = torch.ones(batch, device="meta")
+    return sample, t, text
+
+
+def count_macs(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int = 77,
+               by_op: bool = False) -> float | dict[str, float]:
+    """Counted MACs of one forward (batch 1) with ``FlopCounterMode`` on a meta copy.
+
+    Returns the total, or with ``by_op`` a dict ``{"conv": .., "linear": .., "attention": .., "total": ..}``.
+    """
+    model = meta_clone(unet)
+    sample, t, text = _dummy_inputs(model, latent_size, text_len)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(sample, t, text)
+    total = counter.get_total_flops() / 2
+    if not by_op:
+        return float(total)
+    ops = {str(k): v / 2 for k, v in counter.get_flop_counts()["Global"].items()}
+    conv = sum(v for k, v in ops.items() if "convolution" in k)
+    attn = sum(v for k, v in ops.items() if "bmm" in k or "scaled_dot_product" in k)
+    linear = total - conv - attn
+    return {"conv": conv, "linear": linear, "attention": attn, "total": float(total)}
+
+
+@dataclass
+class MacsModel:
+    """Analytic MACs of an architecture space at one latent size and text length.
+
+    Attributes:
+        c0: MACs outside every unit and every depth block.
+        unit_macs: (D,) MACs of each width unit (0 at depth entries).
+        depth_of: (D,) vector index of the depth unit containing each entry, or -1.
+        depth_pos: (K,) vector indices of the depth units.
+        depth_const: (K,) fixed MACs of each depth block (its layers not tied to a width unit).
+        full: MACs of the whole model (all ones).
+    """
+
+    c0: float
+    unit_macs: torch.Tensor
+    depth_of: torch.Tensor
+    depth_pos: torch.Tensor
+    depth_const: torch.Tensor
+    latent_size: tuple[int, int]
+    text_len: int
+
+    @property
+    def full(self) -> float:
+        return float(self(torch.ones(1, self.unit_macs.numel(), dtype=torch.float64))[0])
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        """MACs of each architecture vector in a (B, D) or (D,) batch; differentiable."""
+        v = vector if vector.ndim == 2 else vector.unsqueeze(0)
+        if v.shape[-1] != self.unit_macs.numel():
+            raise ValueError(f"architecture vector has {v.shape[-1]} entries, the space has {self.unit_macs.numel()}")
+        w = self.unit_macs.to(v)
+        # multiplier of each unit: its depth gate, or 1 outside depth blocks
+        has_depth = self.depth_of >= 0
+        mult = torch.ones_like(v)
+        if has_depth.any():
+            mult = mult.clone()
+            mult[:, has_depth] = v[:, self.depth_of[has_depth]]
+        width = (v * w * mult).sum(-1)
+        depth = (v[:, self.depth_pos] * self.depth_const.to(v)).sum(-1) if self.depth_pos.numel() else 0
+        return self.c0 + width + depth
+
+    def ratio(self, vector: torch.Tensor) -> torch.Tensor:
+        """MACs of ``vector`` as a fraction of the full model's."""
+        return self(vector) / self.full
+
+    def block_macs(self, space: ArchSpace, vector: torch.Tensor) -> dict[str, float]:
+        """Variable MACs (units and depth blocks; not ``c0``) per top-level block, for one vector."""
+        v = space.check_vector(vector.detach().double().cpu())[0]
+        out: dict[str, float] = {}
+        w = self.unit_macs.double()
+        for seg in space.segments:
+            sl = slice(seg.offset, seg.stop)
+            if seg.kind == "depth":
+                k = int((self.depth_pos == seg.offset).nonzero()[0, 0])
+                val = float(v[seg.offset] * self.depth_const[k])
+            else:
+                d = int(self.depth_of[seg.offset])
+                gate = float(v[d]) if d >= 0 else 1.0
+                val = float((v[sl] * w[sl]).sum() * gate)
+            out[seg.block] = out.get(seg.block, 0.0) + val
+        return out
+
+
+def _record_shapes(unet: nn.Module, latent_size, text_len: int) -> tuple[dict[str, float], dict[str, tuple]]:
+    """One meta forward; MACs of every Conv2d / Linear and (N, M) lengths of every Attention."""
+    leaf: dict[str, float] = {}
+    attn_len: dict[str, tuple[int, int, int]] = {}
+    handles = []
+    for name, mod in unet.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            def conv_hook(m, args, out, name=name):
+                k = m.kernel_size[0] * m.kernel_size[1]
+                leaf[name] = leaf.get(name, 0.0) + out.numel() * (m.in_channels // m.groups) * k
+            handles.append(mod.register_forward_hook(conv_hook))
+        elif isinstance(mod, nn.Linear):
+            def lin_hook(m, args, out, name=name):
+                leaf[name] = leaf.get(name, 0.0) + (out.numel() // m.out_features) * m.in_features * m.out_features
+            handles.append(mod.register_forward_hook(lin_hook))
+        elif type(mod).__name__ == "Attention":
+            def attn_hook(m, args, kwargs, out, name=name):
+                x = args[0] if args else kwargs["hidden_states"]
+                ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+                b, n = x.shape[0], (x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3])
+                mlen = n if ctx is None else ctx.shape[1]
+                attn_len[name] = (b, n, mlen)
+            handles.append(mod.register_forward_hook(attn_hook, with_kwargs=True))
+    try:
+        sample, t, text = _dummy_inputs(unet, latent_size, text_len)
+        with torch.no_grad():
+            unet(sample, t, text)
+    finally:
+        for h in handles:
+            h.remove()
+    return leaf, attn_len
+
+
+def build_macs_model(unet: nn.Module, space: ArchSpace, latent_size: int | tuple[int, int],
+                     text_len: int = 77, include_attention: bool = True) -> MacsModel:
+    """Derive the analytic MACs function of ``space`` for the (unpruned) ``unet``.
+
+    Args:
+        unet: the full model (any device; a meta structural copy of its config is used).
+        space: its architecture space.
+        latent_size: latent height/width (the image size divided by the VAE's scale factor).
+        text_len: text tokens seen by cross-attention.
+        include_attention: count the attention matmuls (False gives the conv + linear only
+            convention of BK-SDM).
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(unet.config)
+    leaf, attn_len = _record_shapes(model, latent_size, text_len)
+    claimed: set[str] = set()
+    D = space.size
+    unit_macs = torch.zeros(D, dtype=torch.float64)
+    depth_of = torch.full((D,), -1, dtype=torch.long)
+    depth_segments = [s for s in space.segments if s.kind == "depth"]
+    depth_pos = torch.tensor([s.offset for s in depth_segments], dtype=torch.long)
+    depth_const = torch.zeros(len(depth_segments), dtype=torch.float64)
+
+    def take(name: str) -> float:
+        claimed.add(name)
+        return leaf[name]
+
+    for seg in space.segments:
+        if seg.kind == "depth":
+            continue
+        p = seg.module
+        mod = model.get_submodule(p)
+        if seg.kind == "resnet_channels":
+            per_channel = take(f"{p}.conv1") / mod.conv1.out_channels + take(f"{p}.conv2") / mod.conv2.in_channels
+            if mod.time_emb_proj is not None:
+                per_channel += take(f"{p}.time_emb_proj") / mod.conv1.out_channels
+        elif seg.kind.endswith("heads"):
+            per_channel = sum(take(f"{p}.{n}") / mod.inner_dim for n in ("to_q", "to_k", "to_v"))
+            per_channel += take(f"{p}.to_out.0") / mod.inner_dim
+            if include_attention:
+                b, n, m = attn_len[p]
+                per_channel += 2 * b * n * m  # QKᵀ and AV, per channel of inner_dim
+        else:  # ffn_channels
+            inner = mod.net[2].in_features
+            per_channel = take(f"{p}.net.0.proj") / inner + take(f"{p}.net.2") / inner
+        unit_macs[seg.offset : seg.stop] = per_channel * seg.unit_width
+        if seg.depth_segment >= 0:
+            depth_of[seg.offset : seg.stop] = space.segments[seg.depth_segment].offset
+    c0 = 0.0
+    for name, macs in leaf.items():
+        if name in claimed:
+            continue
+        for k, seg in enumerate(depth_segments):
+            if name.startswith(seg.module + "."):
+                depth_const[k] += macs
+                break
+        else:
+            c0 += macs
+    h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
+    return MacsModel(c0=c0, unit_macs=unit_macs, depth_of=depth_of, depth_pos=depth_pos,
+                     depth_const=depth_const, latent_size=(h, w), text_len=text_len)
