@@ -226,3 +226,32 @@ def build_macs_model(unet: nn.Module, space: ArchSpace, latent_size: int | tuple
     h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
     return MacsModel(c0=c0, unit_macs=unit_macs, depth_of=depth_of, depth_pos=depth_pos,
                      depth_const=depth_const, latent_size=(h, w), text_len=text_len)
+
+
+def macs_by_block(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int = 77) -> dict[str, dict[str, float]]:
+    """MACs of the full model per top-level block, split into conv / linear / attention matmuls.
+
+    Blocks are ``down_blocks.i``, ``mid_block``, ``up_blocks.i`` and ``other`` (conv_in, time
+    embedding, conv_out).
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(unet.config)
+    leaf, attn_len = _record_shapes(model, latent_size, text_len)
+    out: dict[str, dict[str, float]] = {}
+
+    def block_of(name: str) -> str:
+        parts = name.split(".")
+        if parts[0] in ("down_blocks", "up_blocks"):
+            return ".".join(parts[:2])
+        return "mid_block" if parts[0] == "mid_block" else "other"
+
+    for name, macs in leaf.items():
+        kind = "conv" if isinstance(model.get_submodule(name), nn.Conv2d) else "linear"
+        d = out.setdefault(block_of(name), {"conv": 0.0, "linear": 0.0, "attention": 0.0})
+        d[kind] += macs
+    for name, (b, n, m) in attn_len.items():
+        inner = model.get_submodule(name).inner_dim
+        out.setdefault(block_of(name), {"conv": 0.0, "linear": 0.0, "attention": 0.0})["attention"] += 2 * b * n * m * inner
+    return out

@@ -1,0 +1,3 @@
+from aptp.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``aptp`` command line: one small module per command over the core engine."""

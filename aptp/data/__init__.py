@@ -1,0 +1,1 @@
+"""Datasets used to train, calibrate and evaluate the models that aptp prunes."""

@@ -1,0 +1,96 @@
+"""Save and load an expert: a plan replayed on the base config, plus the sliced weights.
+
+An expert directory holds::
+
+    plan.json           the SlicePlan (kept unit indices per module) and provenance (MACs, base model)
+    config.json         the *base* (unpruned) U-Net config the plan applies to
+    model.safetensors   the sliced weights
+
+``load_expert`` builds the base U-Net on the meta device (no random init, no download), replays the
+plan and assigns the stored tensors; every parameter must come from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aptp.engine.slicing import SlicePlan, apply_plan
+
+PLAN_FILE = "plan.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_expert(unet: nn.Module, plan: SlicePlan, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write an expert directory atomically (a temp directory renamed into place).
+
+    Args:
+        unet: the sliced U-Net. Slicing never edits ``unet.config``, so it is still the base
+            (unpruned) config that the plan is replayed on.
+        plan: the plan that produced it.
+        path: the expert directory.
+        overwrite: replace an existing directory; otherwise an existing one raises FileExistsError.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"expert directory {path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aptp": "expert"})
+        (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1))
+        (tmp / CONFIG_FILE).write_text(unet.to_json_string())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_plan(path: str | Path) -> SlicePlan:
+    """Read an expert directory's plan."""
+    return SlicePlan.from_dict(json.loads((Path(path) / PLAN_FILE).read_text()))
+
+
+def load_expert(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild an expert U-Net from its directory: meta base model → plan → stored weights.
+
+    Raises:
+        FileNotFoundError: a file of the expert directory is missing.
+        RuntimeError: the weights do not match the plan (missing or unexpected tensors).
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in (PLAN_FILE, CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an expert directory: {name} is missing")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    apply_plan(unet, read_plan(path))
+    state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    unet.load_state_dict(state, strict=True, assign=True)
+    still_meta = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"expert {path} left tensors without weights: {still_meta[:5]}")
+    return unet.eval()

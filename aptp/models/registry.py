@@ -1,0 +1,207 @@
+"""Model registry: ``--model`` accepts an alias, a local diffusers folder, or a hub id.
+
+- An alias names a known model. Its U-Net config ships with aptp, so anything that needs only the
+  architecture (units, MACs) works offline on the meta device; its weights come from the Hugging
+  Face hub or cache like any hub id.
+- A local folder is a diffusers pipeline folder (``model_index.json`` + ``unet/`` ...) or a bare
+  U-Net folder (``config.json`` of a ``UNet2DConditionModel``).
+- A hub id (``owner/name``) is loaded with diffusers; with ``HF_HUB_OFFLINE=1`` or
+  ``model.local_files_only`` only the local HF cache is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aptp.errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A known model: where its weights live and what the package knows about it offline."""
+
+    hub_id: str | None
+    unet_config: str | None  # file name in aptp/models/configs, for offline architecture work
+    vae_scale_factor: int
+    resolution: int
+    description: str
+    prediction_type: str = "epsilon"
+    local_path: str | None = None  # for models shipped inside the package
+
+
+ALIASES: dict[str, Alias] = {
+    "sd2.1": Alias(
+        hub_id="stabilityai/stable-diffusion-2-1",
+        unet_config="sd2.1-unet.json",
+        vae_scale_factor=8,
+        resolution=768,
+        prediction_type="v_prediction",
+        description="Stable Diffusion 2.1 (768-v), 865.9M-parameter U-Net",
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved ``--model`` value.
+
+    Attributes:
+        name: what the user passed.
+        kind: ``alias``, ``folder`` or ``hub``.
+        source: what diffusers loads from (hub id or folder path), None if weights are unavailable.
+        alias: the alias entry, if any.
+    """
+
+    name: str
+    kind: str
+    source: str | None
+    alias: Alias | None = None
+
+    @property
+    def unet_subfolder(self) -> str | None:
+        if self.kind == "folder" and not (Path(self.source) / "model_index.json").is_file():
+            return None  # a bare U-Net folder
+        return "unet"
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_model(name: str) -> ModelRef:
+    """Resolve a ``--model`` value without loading anything.
+
+    Raises:
+        ModelNotFoundError: not an alias, not an existing folder, and not shaped like a hub id.
+    """
+    if name in ALIASES:
+        a = ALIASES[name]
+        if a.local_path is not None:
+            return ModelRef(name, "alias", str(resources.files("aptp.models") / a.local_path), a)
+        return ModelRef(name, "alias", a.hub_id, a)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not ((p / "model_index.json").is_file() or (p / "config.json").is_file()
+                                  or (p / "unet" / "config.json").is_file()):
+            raise ModelNotFoundError(
+                f"--model {name}: not a diffusers folder (expected model_index.json, unet/config.json "
+                f"or a U-Net config.json inside)"
+            )
+        return ModelRef(name, "folder", str(p.resolve()))
+    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        return ModelRef(name, "hub", name)
+    raise ModelNotFoundError(
+        f"--model {name!r}: unknown model; use an alias ({', '.join(sorted(ALIASES))}), "
+        f"a local diffusers folder, or a hub id like owner/name"
+    )
+
+
+def _hub_file(repo: str, filename: str, local_only: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=local_only or offline()))
+    except Exception as exc:  # the hub library raises several types for "not cached / unreachable"
+        raise ModelNotFoundError(_missing_weights_message(repo, filename, exc)) from None
+
+
+def _missing_weights_message(repo: str, what: str, exc: Exception | None = None) -> str:
+    why = "is not in the Hugging Face cache" + (" and the hub is unreachable" if not offline() else " (HF_HUB_OFFLINE=1)")
+    return (
+        f"{repo}: {what} {why}; fetch it on a connected machine with "
+        f"`huggingface-cli download {repo}` (then copy ~/.cache/huggingface) or pass "
+        f"--model /path/to/a/local/diffusers/folder"
+    )
+
+
+def unet_config(ref: ModelRef, local_only: bool = False) -> dict:
+    """The U-Net config of a model, offline for aliases with a shipped config."""
+    if ref.alias is not None and ref.alias.unet_config is not None:
+        text = (resources.files("aptp.models") / "configs" / ref.alias.unet_config).read_text()
+        return json.loads(text)
+    if ref.kind == "alias" or ref.kind == "folder":
+        root = Path(ref.source)
+        path = root / "config.json" if ref.unet_subfolder is None else root / "unet" / "config.json"
+        return json.loads(path.read_text())
+    return json.loads(_hub_file(ref.source, "unet/config.json", local_only).read_text())
+
+
+def vae_scale_factor(ref: ModelRef, local_only: bool = False) -> int:
+    """Image pixels per latent pixel (8 for SD): 2 ** (number of VAE blocks - 1)."""
+    if ref.alias is not None:
+        return ref.alias.vae_scale_factor
+    if ref.kind == "folder":
+        path = Path(ref.source) / "vae" / "config.json"
+        if not path.is_file():
+            return 8
+        cfg = json.loads(path.read_text())
+    else:
+        cfg = json.loads(_hub_file(ref.source, "vae/config.json", local_only).read_text())
+    return 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def default_resolution(ref: ModelRef, local_only: bool = False) -> int:
+    """The model's native image size."""
+    if ref.alias is not None:
+        return ref.alias.resolution
+    return int(unet_config(ref, local_only)["sample_size"]) * vae_scale_factor(ref, local_only)
+
+
+def build_unet(ref: ModelRef, device: str | torch.device = "meta", local_only: bool = False) -> nn.Module:
+    """The U-Net's architecture without weights (meta device by default): no download of weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel.from_config(unet_config(ref, local_only))
+
+
+def load_unet(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: bool = False,
+              revision: str | None = None) -> nn.Module:
+    """Load the U-Net with its weights.
+
+    Raises:
+        ModelNotFoundError: weights are neither local nor downloadable, with the command to get them.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if ref.source is None:
+        raise ModelNotFoundError(f"--model {ref.name}: no weights are known for this alias")
+    kwargs = dict(torch_dtype=dtype, revision=revision)
+    if ref.unet_subfolder is not None:
+        kwargs["subfolder"] = ref.unet_subfolder
+    if ref.kind != "folder" and not Path(ref.source).is_dir():
+        kwargs["local_files_only"] = local_only or offline()
+    try:
+        return UNet2DConditionModel.from_pretrained(ref.source, **kwargs).eval()
+    except (OSError, ValueError) as exc:
+        if ref.kind == "folder" or Path(ref.source).is_dir():
+            raise ModelNotFoundError(f"--model {ref.name}: could not load the U-Net: {exc}".splitlines()[0]) from None
+        raise ModelNotFoundError(_missing_weights_message(ref.source, "U-Net weights")) from None
+
+
+def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: bool = False,
+                  revision: str | None = None):
+    """Load the whole ``StableDiffusionPipeline`` (VAE, text encoder, tokenizer, scheduler, U-Net)."""
+    from diffusers import StableDiffusionPipeline
+
+    if ref.source is None or ref.unet_subfolder is None:
+        raise ModelNotFoundError(f"--model {ref.name}: a full pipeline folder is needed, not a bare U-Net")
+    kwargs = dict(torch_dtype=dtype, revision=revision, safety_checker=None, requires_safety_checker=False)
+    if not Path(ref.source).is_dir():
+        kwargs["local_files_only"] = local_only or offline()
+    try:
+        return StableDiffusionPipeline.from_pretrained(ref.source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if Path(ref.source).is_dir():
+            raise ModelNotFoundError(f"--model {ref.name}: could not load the pipeline: {exc}".splitlines()[0]) from None
+        raise ModelNotFoundError(_missing_weights_message(ref.source, "the pipeline")) from None

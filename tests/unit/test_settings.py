@@ -1,0 +1,244 @@
+"""Settings resolution: precedence, one-line error reports, run-directory round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from aptp.errors import AptpUserError, SettingsError
+from aptp.settings import (
+    META_FILE,
+    SETTINGS_FILE,
+    Settings,
+    load_settings,
+    resolve_settings,
+    settings_to_dict,
+    write_settings,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _error(**kwargs) -> str:
+    kwargs.setdefault("env", {})
+    with pytest.raises(SettingsError) as info:
+        resolve_settings(**kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg, "the CLI prints errors as one line"
+    assert isinstance(info.value, AptpUserError)
+    return msg
+
+
+def test_defaults_without_sources():
+    assert resolve_settings(env={}) == Settings()
+
+
+def test_every_field_has_default_and_description():
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            assert not field.is_required(), f"{prefix}{name} has no default"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, f"{prefix}{name}.")
+
+    walk(Settings, "")
+
+
+def test_precedence_recipe_env_cli_set(tmp_path):
+    recipe = _recipe(tmp_path, "prune:\n  budget: 0.1\n")
+    env = {"APTP_PRUNE__BUDGET": "0.2"}
+    cli = {"prune.budget": 0.3}
+    sets = ["prune.budget=0.4"]
+
+    assert resolve_settings(recipe, env={}).prune.budget == 0.1
+    assert resolve_settings(recipe, env=env).prune.budget == 0.2
+    assert resolve_settings(recipe, cli=cli, env=env).prune.budget == 0.3
+    assert resolve_settings(recipe, cli=cli, overrides=sets, env=env).prune.budget == 0.4
+
+
+def test_layers_merge_deeply_and_none_means_flag_not_given(tmp_path):
+    recipe = _recipe(tmp_path, "prune:\n  budget: 0.5\n  steps: 7\nrouter:\n  num_experts: 4\n")
+    s = resolve_settings(
+        recipe,
+        cli={"prune.steps": None, "router.num_experts": None, "prune.lr": 0.1},
+        overrides=["prune.seed=5"],
+        env={"APTP_PRUNE__WARMUP_STEPS": "3"},
+    )
+    assert (s.prune.budget, s.prune.steps, s.prune.lr, s.prune.seed, s.prune.warmup_steps) == (
+        0.5,
+        7,
+        0.1,
+        5,
+        3,
+    )
+    assert s.router.num_experts == 4
+
+
+def test_env_values_are_parsed_as_yaml():
+    s = resolve_settings(
+        env={
+            "APTP_SEED": "3",
+            "APTP_QUIET": "true",
+            "APTP_EVAL__METRICS": "[fid, pickscore]",
+            "APTP_DATA__MAX_SAMPLES": "null",
+            "HOME_UNRELATED": "x",
+        }
+    )
+    assert (s.seed, s.quiet, s.eval.metrics, s.data.max_samples) == (3, True, ["fid", "pickscore"], None)
+
+
+def test_env_defaults_to_os_environ(monkeypatch):
+    monkeypatch.setenv("APTP_ROUTER__NUM_EXPERTS", "5")
+    assert resolve_settings().router.num_experts == 5
+
+
+def test_string_fields_keep_text_that_yaml_would_convert(tmp_path):
+    s = resolve_settings(
+        overrides=[
+            "model.revision=20240101",
+            "prune.mixed_precision=no",
+            "model.name=1.0",
+            'data.split="val"',
+            "eval.clip_pretrained=null",
+        ],
+        env={},
+    )
+    assert (s.model.revision, s.prune.mixed_precision, s.model.name) == ("20240101", "no", "1.0")
+    assert (s.data.split, s.eval.clip_pretrained) == ("val", None)
+    # In a recipe, YAML 1.1 reads a bare `no` as False; it must still mean "no".
+    recipe = _recipe(tmp_path, "finetune:\n  mixed_precision: no\n")
+    assert resolve_settings(recipe, env={}).finetune.mixed_precision == "no"
+
+
+def test_unknown_recipe_keys_all_reported_with_did_you_mean(tmp_path):
+    recipe = _recipe(tmp_path, "prune:\n  budgt: 0.5\n  stepz: 3\nrouterr:\n  num_experts: 2\n")
+    msg = _error(recipe=recipe)
+    assert msg.startswith("settings: 3 problems: ")
+    assert "prune.budgt: unknown key (did you mean 'budget'?)" in msg
+    assert "prune.stepz: unknown key (did you mean 'steps'?)" in msg
+    assert "routerr: unknown key (did you mean 'router'?)" in msg
+    assert f"[from recipe {recipe}]" in msg
+
+
+def test_key_in_wrong_section_suggests_the_right_one():
+    msg = _error(overrides=["prune.num_experts=4"])
+    assert "prune.num_experts: unknown key (did you mean 'router.num_experts'?) [from --set" in msg
+
+
+def test_unknown_env_variable_is_reported_with_its_name():
+    msg = _error(env={"APTP_PRUNE_BUDGET": "0.5", "APTP_PRUNE__BUDGT": "0.5"})
+    assert msg.startswith("settings: 2 problems: ")
+    assert "(did you mean 'APTP_PRUNE__BUDGET'?) [from env APTP_PRUNE_BUDGET]" in msg
+    assert "prune.budgt: unknown key (did you mean 'APTP_PRUNE__BUDGET'?) [from env APTP_PRUNE__BUDGT]" in msg
+
+
+def test_bad_resolution_names_value_and_rule():
+    msg = _error(overrides=["data.resolution=30"])
+    assert msg == (
+        "settings: 1 problem: data.resolution: must be a positive multiple of 8, got 30 "
+        "[from --set data.resolution=30]"
+    )
+    assert resolve_settings(overrides=["data.resolution=32"], env={}).data.resolution == 32
+
+
+def test_problems_from_all_sources_reported_at_once(tmp_path):
+    recipe = _recipe(tmp_path, "data:\n  resolution: 30\n")
+    msg = _error(
+        recipe=recipe,
+        env={"APTP_SEED": "abc"},
+        cli={"router.num_experts": 0},
+        overrides=["prune.budget=1.5", "eval.metrics=[fid, fdi]"],
+    )
+    assert msg.startswith("settings: 5 problems: ")
+    for part in (
+        f"data.resolution: must be a positive multiple of 8, got 30 [from recipe {recipe}]",
+        "router.num_experts: Input should be greater than or equal to 1, got 0 [from command line]",
+        "prune.budget: Input should be less than or equal to 1, got 1.5 [from --set prune.budget=1.5]",
+        "eval.metrics[1]: Input should be 'fid', 'clip', 'cmmd' or 'pickscore', got 'fdi'",
+        "seed: Input should be a valid integer",
+    ):
+        assert part in msg
+
+
+@pytest.mark.parametrize("budget", ["0", "-0.1", "1.01"])
+def test_budget_bounds(budget):
+    assert "prune.budget" in _error(overrides=[f"prune.budget={budget}"])
+
+
+@pytest.mark.parametrize("item", ["prune.budget", "=0.5", ""])
+def test_malformed_set(item):
+    msg = _error(overrides=[item])
+    assert msg.startswith(f"--set {item!r}: expected KEY=VALUE")
+
+
+def test_missing_recipe(tmp_path):
+    msg = _error(recipe=tmp_path / "nope.yaml")
+    assert str(tmp_path / "nope.yaml") in msg and "not found" in msg
+
+
+def test_unparsable_recipe(tmp_path):
+    recipe = _recipe(tmp_path, "prune:\n  budget: [0.5\n")
+    msg = _error(recipe=recipe)
+    assert msg.startswith(f"recipe {recipe}: invalid YAML at line")
+
+
+def test_recipe_top_level_must_be_mapping(tmp_path):
+    msg = _error(recipe=_recipe(tmp_path, "- prune\n- budget\n"))
+    assert "top level must be a mapping" in msg and "got list" in msg
+
+
+def test_empty_recipe_means_defaults(tmp_path):
+    assert resolve_settings(_recipe(tmp_path, "# nothing yet\n"), env={}) == Settings()
+
+
+def test_settings_round_trip(tmp_path):
+    s = resolve_settings(
+        overrides=[
+            "output=" + str(tmp_path / "run"),
+            "data.root=" + str(tmp_path / "data"),
+            "prune.lr=3.3e-5",
+            "finetune.ema_decay=0.99991",
+            "prune.mixed_precision=no",
+            "model.revision=0123",
+            "eval.metrics=[pickscore]",
+            "generate.height=512",
+            "log_format=json",
+        ],
+        env={},
+    )
+    write_settings(s, tmp_path / "run")
+    assert load_settings(tmp_path / "run") == s
+    assert load_settings(tmp_path / "run" / SETTINGS_FILE) == s
+    # settings.yaml is itself a valid recipe
+    assert resolve_settings(tmp_path / "run" / SETTINGS_FILE, env={}) == s
+    meta = json.loads((tmp_path / "run" / META_FILE).read_text())
+    assert {"python", "platform", "hostname", "timestamp_utc", "packages"} <= meta.keys()
+
+
+def test_settings_to_dict_is_json_safe(tmp_path):
+    s = resolve_settings(overrides=[f"data.root={tmp_path}"], env={})
+    d = settings_to_dict(s)
+    assert d["data"]["root"] == str(tmp_path)
+    json.dumps(d)
+
+
+def test_load_settings_errors(tmp_path):
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(tmp_path)
+    (tmp_path / SETTINGS_FILE).write_text("prune:\n  budgt: 0.5\n")
+    with pytest.raises(SettingsError, match=r"prune.budgt: unknown key .*\[from .*settings.yaml\]"):
+        load_settings(tmp_path)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe):
+    resolve_settings(recipe, env={})
