@@ -119,7 +119,7 @@ def _missing_weights_message(repo: str, what: str, exc: Exception | None = None)
     why = "is not in the Hugging Face cache" + (" and the hub is unreachable" if not offline() else " (HF_HUB_OFFLINE=1)")
     return (
         f"{repo}: {what} {why}; fetch it on a connected machine with "
-        f"`huggingface-cli download {repo}` (then copy ~/.cache/huggingface) or pass "
+        f"`hf download {repo}` (then copy ~/.cache/huggingface) or pass "
         f"--model /path/to/a/local/diffusers/folder"
     )
 
