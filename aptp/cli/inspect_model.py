@@ -52,6 +52,7 @@ def inspect_model(
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's native size).")] = None,
     text_len: Annotated[int, typer.Option(help="Text tokens seen by cross-attention.")] = 77,
     vector: Annotated[Optional[Path], typer.Option(help="Also report an architecture vector (.json/.pt/.safetensors, length D).")] = None,
+    save_space: Annotated[Optional[Path], typer.Option(help="Write the architecture space (unit order) as JSON to this file.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="table or json.")] = Format.table,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
@@ -72,6 +73,11 @@ def inspect_model(
         space = build_space(unet, s.space.ffn_groups, s.space.depth_policy)
     except ValueError as exc:
         raise AptpUserError(str(exc)) from None
+    if save_space is not None:
+        if save_space.exists():
+            raise AptpUserError(f"--save-space {save_space}: file exists; choose another path or remove it")
+        space.meta = {"model": s.model.name}
+        space.save(save_space)
     vec = None
     if vector is not None:
         vec = read_vector(vector)

@@ -102,3 +102,14 @@ def test_missing_weights_message_is_one_line():
         load_unet(resolve_model("sd2.1"), local_only=True)
     msg = str(info.value)
     assert "\n" not in msg and "hf download stabilityai/stable-diffusion-2-1" in msg and "--model" in msg
+
+
+def test_save_space_writes_json_and_never_overwrites(tmp_path):
+    target = tmp_path / "arch_space.json"
+    res = invoke("inspect-model", "--model", "sd2.1", "--format", "json", "--save-space", str(target))
+    assert res.exit_code == 0, res.output
+    saved = json.loads(target.read_text())
+    assert saved["size"] == 1620 and len(saved["segments"]) > 0 and saved["meta"]["model"] == "sd2.1"
+    before = target.read_bytes()
+    assert_one_line_error(invoke("inspect-model", "--model", "sd2.1", "--save-space", str(target)), "exists")
+    assert target.read_bytes() == before
