@@ -143,7 +143,7 @@ class RouterSettings(_Section):
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn iterations per batch.")
     contrastive_temperature: float = Field(0.03, gt=0, description="Temperature of the contrastive loss.")
     embedding_cache: UserPath | None = Field(
-        None, description="File caching prompt embeddings; None = no cache."
+        None, description="Directory caching prompt embeddings per encoder; None = ~/.cache/aptp/embeddings."
     )
 
 
@@ -158,20 +158,22 @@ class PruneSettings(_Section):
     )
     optimal_transport: bool = Field(True, description="Balance prompts over codes with Sinkhorn OT.")
     distill: bool = Field(True, description="Distill from the unpruned teacher while pruning.")
-    warmup_steps: int = Field(500, ge=0, description="Router warm-up steps before codes are used.")
-    steps: int = Field(2500, ge=0, description="Pruning steps after warm-up, with codes.")
+    warmup_steps: int = Field(
+        100, ge=0, description="Router warm-up steps before codes are used (paper: 500, see recipes/)."
+    )
+    steps: int = Field(400, ge=0, description="Pruning steps after warm-up, with codes (paper: 2500).")
     lr: float = Field(2e-4, ge=0, description="Learning rate.")
-    lr_warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps (paper: 100).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(64, ge=1, description="Batch size per process.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     lambda_distill: float = Field(0.2, ge=0, description="Weight of the distillation loss.")
     lambda_res: float = Field(2.0, ge=0, description="Weight of the resource (MACs) loss.")
     lambda_cont: float = Field(100.0, ge=0, description="Weight of the contrastive loss.")
-    checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every this many steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every this many steps.")
     keep_checkpoints: int = Field(3, ge=0, description="Keep this many most recent checkpoints.")
     log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")
-    mixed_precision: MixedPrecision = Field("no", description="accelerate mixed precision: no | fp16 | bf16.")
+    mixed_precision: MixedPrecision = Field("no", description="Autocast the U-Net: no | fp16 | bf16.")
     seed: int = Field(0, description="Seed of the pruning run.")
 
 

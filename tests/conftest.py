@@ -27,16 +27,17 @@ TINY_UNET = dict(
 )
 
 
-def make_tiny_unet(seed: int = 0, **overrides):
+def make_tiny_unet(seed: int = 0, randomize: bool = True, **overrides):
     from diffusers import UNet2DConditionModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**{**TINY_UNET, **overrides})
-        # stock init zeroes some output layers; randomise every tensor so slicing errors show
-        with torch.no_grad():
-            for p in unet.parameters():
-                p.normal_(0, 0.2)
+        if randomize:
+            # stock init zeroes some output layers; randomise every tensor so slicing errors show
+            with torch.no_grad():
+                for p in unet.parameters():
+                    p.normal_(0, 0.2)
     return unet.eval()
 
 
@@ -52,3 +53,44 @@ def tiny_inputs():
     t = torch.tensor([10, 400, 900])
     c = torch.randn(3, 7, 32, generator=g)
     return x, t, c
+
+
+def tiny_pipeline_parts():
+    from diffusers import AutoencoderKL, PNDMScheduler
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    from aptp.data.shapes import vocabulary
+
+    words = ["<pad>", "<unk>", "<bos>", "<eos>", *vocabulary()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=24, pad_token="<pad>",
+                                        unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            max_position_embeddings=24, eos_token_id=3, bos_token_id=2,
+                                            pad_token_id=0))
+        vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                            layers_per_block=1, sample_size=16)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          skip_prk_steps=True, steps_offset=1, prediction_type="v_prediction")
+    return dict(vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer, scheduler=sched)
+
+
+def make_tiny_pipeline_dir(path, seed: int = 0):
+    """A complete tiny StableDiffusionPipeline folder (what `--model FOLDER` reads)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(unet=make_tiny_unet(seed, randomize=False), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **tiny_pipeline_parts())
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    return make_tiny_pipeline_dir(tmp_path_factory.mktemp("tiny-pipeline") / "pipe")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from aptp import __version__
-from aptp.cli import inspect_model
+from aptp.cli import inspect_model, prune
 
 app = typer.Typer(
     name="aptp",
@@ -14,6 +14,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("prune")(prune.prune)
 app.command("inspect-model")(inspect_model.inspect_model)
 
 

@@ -176,7 +176,7 @@ def load_unet(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: boo
 
     if ref.source is None:
         raise ModelNotFoundError(f"--model {ref.name}: no weights are known for this alias")
-    kwargs = dict(torch_dtype=dtype, revision=revision)
+    kwargs = dict(dtype=dtype, revision=revision)
     if ref.unet_subfolder is not None:
         kwargs["subfolder"] = ref.unet_subfolder
     if ref.kind != "folder" and not Path(ref.source).is_dir():
@@ -196,9 +196,14 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only:
 
     if ref.source is None or ref.unet_subfolder is None:
         raise ModelNotFoundError(f"--model {ref.name}: a full pipeline folder is needed, not a bare U-Net")
-    kwargs = dict(torch_dtype=dtype, revision=revision, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(dtype=dtype, revision=revision, safety_checker=None, requires_safety_checker=False)
     if not Path(ref.source).is_dir():
         kwargs["local_files_only"] = local_only or offline()
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    dlogging.disable_progress_bar()  # our commands show their own progress
+    tlogging.disable_progress_bar()
     try:
         return StableDiffusionPipeline.from_pretrained(ref.source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -414,7 +414,7 @@ def load_toy_pipeline(dtype: torch.dtype = torch.float32, folder: str | Path | N
     if not (path / "model_index.json").is_file():
         raise _missing_assets("toy pipeline", path, "teacher")
     pipe = StableDiffusionPipeline.from_pretrained(
-        path, torch_dtype=dtype, local_files_only=True, safety_checker=None,
+        path, dtype=dtype, local_files_only=True, safety_checker=None,
         requires_safety_checker=False,
     )
     if scheduler == "ddim":

@@ -239,6 +239,12 @@ def test_load_settings_errors(tmp_path):
         load_settings(tmp_path)
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+# The toy model's training recipes have their own schema (aptp.train.toy.ToyTrainSettings) and are
+# validated in test_toy.py.
+_TRAINING_RECIPES = {"toy-vae.yaml", "toy-teacher.yaml", "toy-clip.yaml"}
+
+
+@pytest.mark.parametrize("recipe", sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name not in _TRAINING_RECIPES),
+                         ids=lambda p: p.name)
 def test_shipped_recipes_validate(recipe):
     resolve_settings(recipe, env={})

@@ -1,0 +1,73 @@
+"""Atomic, resumable checkpoints: ``checkpoints/step-NNNNNN/`` directories, the newest few kept.
+
+A checkpoint directory is written under a temporary name and renamed into place, so a crash
+(even SIGKILL) leaves either the previous checkpoints or a complete new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+INFO_FILE = "trainer.json"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / INFO_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], info: dict[str, Any], keep: int = 3) -> Path:
+    """Write ``state`` (torch-serialisable) and ``info`` (JSON) as checkpoint ``step``; prune old ones.
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / INFO_FILE).write_text(json.dumps({"step": step, **info}, indent=2, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # the same step written again (e.g. Ctrl-C right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temp dirs of a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, info) of a checkpoint directory."""
+    info = json.loads((path / INFO_FILE).read_text())
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    return state, info

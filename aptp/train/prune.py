@@ -1,0 +1,461 @@
+"""The pruning stage (paper §3.3, Eq. 15): train the prompt router and the architecture codes.
+
+Only the router (architecture predictor + codes) trains; the U-Net is frozen and is its own
+teacher (gates off). One optimisation step:
+
+1. prompt embeddings ``z`` (cached per prompt) → architecture logits ``e`` (Eq. 4);
+2. warm-up: the predictor's own Gumbel-sigmoid vectors ``e′`` gate the U-Net; afterwards each
+   sample is assigned a code by Sinkhorn optimal transport over the (global) batch (Eq. 5–7, 20)
+   — or, for the ablation, by nearest cosine — and the code's Gumbel-sigmoid vector gates it;
+3. loss = routed DDPM loss (code-balanced mean, Eq. 15) + λ_distill·(output + block distillation
+   against the same U-Net with gates open) + λ_res·R(mean routed MACs ratio, budget) (Eq. 26) +
+   λ_cont·L_cont(z, e′) (Eq. 13–14).
+
+Distributed runs (``accelerate launch`` / ``torchrun``) split each global batch across
+processes; Sinkhorn sums and the contrastive batch are global, every loss is the process's share
+of the global loss, and gradients of the (tiny) router are SUM-all-reduced, so N processes with
+B/N samples each train exactly what one process with B samples trains.
+
+Method ``uni-arch`` (§4.3 baseline): one learned architecture for every prompt (a single code,
+no predictor, no routing, no contrastive loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from aptp.data import build_dataset
+from aptp.engine.gates import UNetGates
+from aptp.engine.macs import build_macs_model
+from aptp.engine.space import build_space
+from aptp.errors import AptpUserError, SettingsError
+from aptp.io import atomic_write_json, atomic_write_text, prepare_output_dir
+from aptp.router.codes import logistic_noise
+from aptp.router.collectives import Collective, default_collective
+from aptp.router.encoder import PromptEncoder
+from aptp.router.losses import contrastive_loss, global_mean, resource_loss
+from aptp.router.router import PromptRouter, save_router
+from aptp.settings import Settings, write_settings
+from aptp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from aptp.train.diffusion import diffusion_target
+from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
+from aptp.train.teacher import Teacher, load_teacher
+
+logger = logging.getLogger(__name__)
+
+LogFn = Callable[[dict[str, Any]], None]
+
+
+def default_embedding_cache() -> Path:
+    return Path.home() / ".cache" / "aptp" / "embeddings"
+
+
+@dataclass
+class PruneResult:
+    run_dir: Path
+    step: int
+    interrupted: bool
+    routing: dict[str, Any] | None
+
+
+def _gen(seed: int, *keys: int) -> torch.Generator:
+    g = torch.Generator("cpu")
+    h = seed
+    for k in keys:
+        h = (h * 6364136223846793005 + k + 1442695040888963407) % (2**63)
+    g.manual_seed(h)
+    return g
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation fixed by (seed, epoch)."""
+    return torch.randperm(n, generator=_gen(seed, 17, epoch))
+
+
+def global_batch_indices(n: int, global_batch: int, seed: int, micro_step: int) -> list[int]:
+    """Indices of the ``micro_step``-th global batch (every process computes the same list)."""
+    per_epoch = max(1, n // global_batch)
+    epoch, pos = divmod(micro_step, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    if n < global_batch:  # tiny data sets: wrap around
+        reps = math.ceil(global_batch / n)
+        order = torch.cat([epoch_order(n, seed, epoch * 1000 + r) for r in range(reps)])
+        return order[:global_batch].tolist()
+    return order[pos * global_batch : (pos + 1) * global_batch].tolist()
+
+
+class Pruner:
+    """Holds everything one pruning run needs; ``run()`` trains, checkpoints and writes outputs."""
+
+    def __init__(self, settings: Settings, run_dir: Path, *, comm: Collective | None = None,
+                 device: torch.device | str = "cpu", log: LogFn | None = None,
+                 teacher: Teacher | None = None):
+        self.s = settings
+        self.p = settings.prune
+        self.run_dir = Path(run_dir)
+        self.comm = comm or default_collective()
+        self.device = torch.device(device)
+        self.log = log or (lambda rec: None)
+        self.uni = self.p.method == "uni-arch"
+        if self.p.budget <= 0 or self.p.budget > 1:
+            raise SettingsError(f"prune.budget {self.p.budget}: must be in (0, 1]")
+
+        self.dataset = build_dataset(settings.data, seed=settings.seed)
+        self.teacher = teacher or load_teacher(settings.model, device=self.device)
+        t = self.teacher
+        self.space = build_space(t.unet, settings.space.ffn_groups, settings.space.depth_policy)
+        res = settings.data.resolution
+        if res % t.vae_scale_factor:
+            raise SettingsError(f"data.resolution {res}: must be a multiple of the VAE scale factor {t.vae_scale_factor}")
+        self.latent_size = res // t.vae_scale_factor
+        self.macs = build_macs_model(t.unet, self.space, self.latent_size, text_len=t.text_len)
+        self.gates = UNetGates(t.unet, self.space)
+
+        captions = self.dataset.captions()
+        cache = settings.router.embedding_cache or default_embedding_cache()
+        self.encoder = PromptEncoder(settings.router.prompt_encoder, cache_dir=cache)
+        # every prompt embedded once (and cached on disk); rank 0 first so the others read the cache
+        if self.comm.rank != 0:
+            self.comm.all_reduce(torch.zeros(1))
+        self.z_all = self.encoder.encode(captions)
+        if self.comm.rank == 0 and self.comm.world_size > 1:
+            self.comm.all_reduce(torch.zeros(1))
+        num_codes = 1 if self.uni else settings.router.num_experts
+        self.router = PromptRouter(self.encoder.dim, self.space.size, num_codes,
+                                   temperature=settings.router.gumbel_temperature, encoder=self.encoder,
+                                   generator=_gen(self.p.seed, 1))
+        self.router.to(self.device)
+        params = [self.router.codes.logits] if self.uni else list(self.router.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=self.p.lr, weight_decay=self.p.weight_decay)
+        warm = max(1, self.p.lr_warmup_steps)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.step = 0
+        self.codes_ready = self.uni  # uni-arch trains its single code from the first step
+        self.skipped = 0
+        self.budget = self.p.budget
+        self.global_batch = self.p.batch_size * self.comm.world_size
+        self.total_steps = (0 if self.uni else self.p.warmup_steps) + self.p.steps
+
+    # ------------------------------------------------------------------ data
+    def _micro_batch(self, micro_step: int) -> dict[str, Any]:
+        idx = global_batch_indices(len(self.dataset), self.global_batch, self.p.seed, micro_step)
+        r, b = self.comm.rank, self.p.batch_size
+        local = idx[r * b : (r + 1) * b]
+        items = [self.dataset[i] for i in local]
+        return {
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]).to(self.device),
+            "caption": [it["caption"] for it in items],
+            "index": torch.tensor([it["index"] for it in items]),
+            "z": self.z_all[torch.tensor([i for i in local])].to(self.device),
+            "skipped": sum(int(it.get("skipped", 0)) for it in items),
+            "global_index": idx,
+        }
+
+    # ------------------------------------------------------------------ one micro-batch
+    def _loss(self, batch: dict[str, Any], micro_step: int) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
+        t, s, p = self.teacher, self.s, self.p
+        rank, b = self.comm.rank, self.p.batch_size
+        # All randomness is drawn for the whole global batch from a generator fixed by the step,
+        # then sliced: a sample's noise never depends on how the batch is split over processes.
+        g = _gen(p.seed, 101, micro_step)
+        bg = self.global_batch
+        mine = slice(rank * b, (rank + 1) * b)
+        with torch.no_grad():
+            mean, std = t.encode_images(batch["pixel_values"])
+            text = t.encode_text(batch["caption"])
+        shape = mean.shape[1:]
+        eps_vae = torch.randn((bg, *shape), generator=g)[mine].to(mean)
+        noise = torch.randn((bg, *shape), generator=g)[mine].to(mean)
+        timesteps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (bg,), generator=g)[mine]
+        gumbel = logistic_noise((bg, self.space.size), generator=g)[mine].to(self.device)
+        latents = mean + std * eps_vae
+        timesteps = timesteps.to(self.device)
+        x_t = t.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(t.noise_scheduler, latents, noise, timesteps)
+
+        z = batch["z"]
+        warmup = not self.codes_ready
+        e, code_gates = self.router(z, generator=g)  # code noise: one draw shared by all processes
+        e_soft = torch.sigmoid((e + gumbel) / self.router.temperature)  # e′, Eq. 12
+        if self.uni:
+            vectors = code_gates[0].expand(z.shape[0], -1)
+            assign = torch.zeros(z.shape[0], dtype=torch.long)
+        elif warmup:
+            vectors, assign = e_soft, None
+        else:
+            assign = self.router.assign_train(e, optimal_transport=p.optimal_transport,
+                                              epsilon=s.router.sinkhorn_epsilon,
+                                              iterations=s.router.sinkhorn_iterations,
+                                              all_reduce=self.comm.all_reduce)
+            vectors = code_gates[assign]
+
+        with self._autocast(), self.gates.apply(vectors), capture_blocks(t.unet) as student_blocks:
+            student = t.unet(x_t, timesteps, text).sample
+        l_ddpm = per_sample_mse(student, target)  # (B,)
+        if p.distill:
+            with torch.no_grad(), self._autocast(), self.gates.off(), capture_blocks(t.unet) as teacher_blocks:
+                teacher_out = t.unet(x_t, timesteps, text).sample
+            l_out, l_block = distill_loss(student, teacher_out, student_blocks, teacher_blocks)
+        else:
+            l_out = l_block = torch.zeros_like(l_ddpm)
+        per_sample = l_ddpm + p.lambda_distill * (l_out + l_block)
+
+        # Eq. 15: the mean over codes of the mean over each code's samples, with global counts;
+        # in warm-up a plain global mean. ``local_task`` is this process's share of that value.
+        if assign is None:
+            n_global = self.comm.all_reduce(torch.tensor([float(len(per_sample))], dtype=torch.float64))[0]
+            weights = torch.full_like(per_sample, 1.0 / float(n_global))
+        else:
+            counts = self.comm.all_reduce(torch.bincount(assign.cpu(), minlength=self.router.num_codes).double())
+            active = (counts > 0).sum()
+            weights = (1.0 / (active * counts[assign.cpu()])).to(per_sample)
+        local_task = (per_sample * weights).sum()
+
+        ratios = self.macs.ratio(vectors)  # (B,), differentiable in the gates
+        mean_ratio = global_mean(ratios, self.comm.all_reduce)
+        l_res = resource_loss(mean_ratio, self.budget)
+        if self.uni:
+            l_cont = torch.zeros((), dtype=l_res.dtype)
+        else:
+            l_cont = contrastive_loss(z, e_soft, s.router.contrastive_temperature,
+                                      all_gather=self.comm.all_gather, rank=rank).to(l_res.dtype)
+        # l_res and l_cont hold the global value but only this process's part of the gradient;
+        # the router's gradients are SUM-reduced across processes (``_sync_grads``).
+        loss = local_task + p.lambda_res * l_res + p.lambda_cont * l_cont
+
+        stats = torch.stack([l_ddpm.sum(), l_out.sum(), l_block.sum(), torch.tensor(float(len(l_ddpm)))]).detach()
+        tot = self.comm.all_reduce(stats.double())
+        n = tot[3]
+        record = {
+            "loss": float(self.comm.all_reduce(local_task.detach().double().reshape(1))[0]
+                          + p.lambda_res * l_res.detach() + p.lambda_cont * l_cont.detach()),
+            "loss_ddpm": float(tot[0] / n), "loss_distill_output": float(tot[1] / n),
+            "loss_distill_block": float(tot[2] / n), "loss_resource": float(l_res.detach()),
+            "loss_contrastive": float(l_cont.detach()), "macs_ratio": float(mean_ratio.detach()),
+            "phase": "warmup" if warmup else ("uni-arch" if self.uni else "codes"),
+        }
+        global_assign = None
+        if assign is not None and not self.uni:
+            global_assign = self.comm.all_reduce(
+                torch.bincount(assign.cpu(), minlength=self.router.num_codes).double())
+        return loss, record, global_assign
+
+    def _autocast(self):
+        mp = self.p.mixed_precision
+        if mp == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if mp == "fp16" else torch.bfloat16)
+
+    def _sync_grads(self) -> None:
+        """SUM-all-reduce the router's gradients (missing ones count as zeros)."""
+        if self.comm.world_size == 1:
+            return
+        for prm in self.router.parameters():
+            grad = prm.grad if prm.grad is not None else torch.zeros_like(prm)
+            prm.grad = self.comm.all_reduce(grad)
+
+    def _init_codes(self) -> None:
+        """End of warm-up: codes start as k-means++ picks among the predictor's embeddings of a
+        fixed sample of prompts (the same on every process)."""
+        n = len(self.z_all)
+        pick = torch.randperm(n, generator=_gen(self.p.seed, 29))[: min(n, 4096)]
+        with torch.no_grad():
+            e = self.router.embed(self.z_all[pick].to(self.device))
+        self.router.init_codes(e, generator=_gen(self.p.seed, 31))
+        self.codes_ready = True
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return {"router": self.router.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.lr_schedule.state_dict(), "step": self.step,
+                "codes_ready": self.codes_ready, "skipped": self.skipped, "budget": self.budget}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.router.load_state_dict(state["router"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step = int(state["step"])
+        self.codes_ready = bool(state["codes_ready"])
+        self.skipped = int(state["skipped"])
+        self.budget = float(state["budget"])
+
+    def checkpoint(self) -> None:
+        if self.comm.rank == 0:
+            save_checkpoint(self.run_dir, self.step, self.state(),
+                            {"budget": self.budget, "method": self.p.method, "codes_ready": self.codes_ready,
+                             "total_steps": self.total_steps}, keep=self.p.keep_checkpoints)
+        self.comm.all_reduce(torch.zeros(1))  # barrier
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint; the budget target comes from the checkpoint."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        state, info = load_checkpoint(ckpt)
+        if abs(float(state["budget"]) - self.p.budget) > 1e-12:
+            raise SettingsError(
+                f"--resume: the run was pruning to budget {state['budget']}, the settings say {self.p.budget}; "
+                f"resume with the original budget or start a new run")
+        self.load_state(state)
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> PruneResult:
+        p = self.p
+        interrupted = False
+        stop = {"flag": False}
+
+        def on_sigint(signum, frame):  # finish the current step, checkpoint, exit
+            stop["flag"] = True
+
+        previous = signal.signal(signal.SIGINT, on_sigint) if self.comm.rank == 0 else None
+        metrics = self.run_dir / "metrics.jsonl"
+        t0 = time.time()
+        try:
+            while self.step < self.total_steps:
+                if not self.uni and not self.codes_ready and self.step >= p.warmup_steps:
+                    self._init_codes()
+                self.router.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                acc_record: dict[str, float] = {}
+                shares = torch.zeros(self.router.num_codes, dtype=torch.float64)
+                for k in range(p.grad_accum):
+                    micro = self.step * p.grad_accum + k
+                    batch = self._micro_batch(micro)
+                    loss, rec, assign_counts = self._loss(batch, micro)
+                    (loss / p.grad_accum).backward()
+                    self.skipped += batch["skipped"]
+                    for key, val in rec.items():
+                        if isinstance(val, float):
+                            acc_record[key] = acc_record.get(key, 0.0) + val / p.grad_accum
+                        else:
+                            acc_record[key] = val
+                    if assign_counts is not None:
+                        shares += assign_counts
+                self._sync_grads()
+                self.optimizer.step()
+                self.lr_schedule.step()
+                self.step += 1
+                rec = {"step": self.step, **acc_record, "lr": self.lr_schedule.get_last_lr()[0],
+                       "elapsed_s": round(time.time() - t0, 3)}
+                if shares.sum() > 0:
+                    rec["share_per_expert"] = (shares / shares.sum()).tolist()
+                    rec["busiest_share"] = float((shares / shares.sum()).max())
+                if self.comm.rank == 0 and (self.step % p.log_every == 0 or self.step == self.total_steps):
+                    with open(metrics, "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+                    self.log(rec)
+                if progress is not None and self.comm.rank == 0:
+                    progress(self.step, self.total_steps, rec)
+                if self.step % p.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.checkpoint()
+                flag = self.comm.all_reduce(torch.tensor([1.0 if stop["flag"] else 0.0]))
+                if flag.item() > 0:
+                    if self.step % p.checkpoint_every != 0 and self.step != self.total_steps:
+                        self.checkpoint()
+                    interrupted = True
+                    break
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        routing = None
+        if not interrupted:
+            routing = self.finish()
+        return PruneResult(self.run_dir, self.step, interrupted, routing)
+
+    # ------------------------------------------------------------------ outputs
+    def finish(self) -> dict[str, Any] | None:
+        """Write the router, the codes, and the routing of the validation prompts."""
+        if self.comm.rank != 0:
+            return None
+        if not self.codes_ready:  # a run shorter than its warm-up still leaves usable codes
+            self._init_codes()
+        self.router.eval()
+        save_router(self.router, self.run_dir)
+        routing = routing_report(self.router, self.macs, self._validation_captions(), self.budget)
+        routing["skipped_images"] = self.skipped
+        atomic_write_json(self.run_dir / "routing.json", routing)
+        return routing
+
+    def _validation_captions(self) -> list[str]:
+        try:
+            return build_dataset(self.s.data, split="validation", seed=self.s.seed).captions()
+        except AptpUserError:
+            return self.dataset.captions()[:2000]
+
+
+def routing_report(router: PromptRouter, macs, captions: list[str], budget: float) -> dict[str, Any]:
+    """Inference routing (cosine, hard codes, no noise) of ``captions``: shares and mean MACs."""
+    hard = router.hard_codes()
+    if router.num_codes == 1:
+        index = torch.zeros(len(captions), dtype=torch.long)
+    else:
+        index, _ = router.route_prompts(captions)
+    ratios = macs.ratio(hard.double()).float()  # (N,)
+    counts = torch.bincount(index, minlength=router.num_codes).double()
+    share = counts / counts.sum()
+    distinct = len({tuple(h.tolist()) for h in hard.int()})
+    return {
+        "prompts": len(captions),
+        "budget": budget,
+        "mean_macs_ratio": float((share * ratios.double()).sum()),
+        "macs_ratio_per_expert": ratios.tolist(),
+        "share_per_expert": share.tolist(),
+        "min_share": float(share.min()),
+        "busiest_share": float(share.max()),
+        "distinct_codes": distinct,
+        "num_codes": router.num_codes,
+    }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _distributed_state():
+    """Under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1) let accelerate set up the process
+    group (gloo on CPU, NCCL on GPUs) and pick this process's device."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def prune(settings: Settings, *, overwrite: bool = False, resume: bool = False, log: LogFn | None = None,
+          progress: Callable[[int, int, dict], None] | None = None, device: str | None = None) -> PruneResult:
+    """Run ``aptp prune``: prepare the run directory, train, write outputs. Resumable."""
+    if settings.output is None:
+        raise SettingsError("prune needs an output directory: pass --output DIR")
+    state = _distributed_state()
+    comm = default_collective()
+    run_dir = Path(settings.output)
+    if comm.rank == 0:
+        prepare_output_dir(run_dir, overwrite=overwrite, resume=resume)
+    comm.all_reduce(torch.zeros(1))
+    if device is None:
+        device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    pruner = Pruner(settings, run_dir, comm=comm, device=device, log=log)
+    resumed = pruner.resume() if resume else False
+    if comm.rank == 0:
+        if not resumed:
+            write_settings(settings, run_dir)
+        pruner.space.save(run_dir / "arch_space.json")
+    return pruner.run(progress=progress)

@@ -1,0 +1,74 @@
+"""The frozen teacher pipeline as the training loops use it: latents, text, noise schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aptp.models.registry import load_pipeline, resolve_model
+from aptp.settings import ModelSettings
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Teacher:
+    """A loaded Stable-Diffusion-style pipeline with every part frozen.
+
+    Attributes:
+        pipeline: the diffusers pipeline (its ``unet`` is the one pruned and gated).
+        noise_scheduler: a ``DDPMScheduler`` with the pipeline scheduler's config (same betas and
+            prediction type), for training.
+        vae_scale_factor: image pixels per latent pixel.
+        text_len: tokens per prompt (the tokenizer's ``model_max_length``).
+    """
+
+    pipeline: object
+    noise_scheduler: object
+    vae_scale_factor: int
+    text_len: int
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipeline.vae
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the scaled latent distribution of images in [-1, 1]."""
+        vae = self.vae
+        dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+        sf = vae.config.scaling_factor
+        return dist.mean * sf, dist.std * sf
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(B, text_len, dim) conditioning exactly as the pipeline computes it."""
+        embeds, _ = self.pipeline.encode_prompt(prompts, self.unet.device, 1, False)
+        return embeds
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_teacher(model: ModelSettings, device: torch.device | str = "cpu") -> Teacher:
+    """Load the pipeline named by the ``model`` settings, frozen, on ``device``."""
+    from diffusers import DDPMScheduler
+
+    ref = resolve_model(model.name)
+    pipe = load_pipeline(ref, dtype=DTYPES[model.dtype], local_only=model.local_files_only, revision=model.revision)
+    pipe.to(device)
+    for part in ("unet", "vae", "text_encoder"):
+        freeze(getattr(pipe, part))
+    pipe.set_progress_bar_config(disable=True)
+    noise = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Teacher(pipeline=pipe, noise_scheduler=noise,
+                   vae_scale_factor=int(pipe.vae_scale_factor),
+                   text_len=int(pipe.tokenizer.model_max_length))

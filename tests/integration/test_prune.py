@@ -1,0 +1,155 @@
+"""`aptp prune` end to end on a tiny pipeline: outputs, ablations, resume after SIGKILL,
+2 processes ≡ 1 process, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from aptp.cli.main import app
+
+pytestmark = pytest.mark.integration
+
+LOSSES = ("loss_ddpm", "loss_distill_output", "loss_distill_block", "loss_resource", "loss_contrastive")
+
+
+@pytest.fixture(scope="module")
+def emb_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("emb")
+
+
+def common(pipe: Path, cache: Path, steps: int = 4, warmup: int = 2, batch: int = 8) -> list[str]:
+    return ["--model", str(pipe), "--resolution", "16", "--batch-size", str(batch), "--warmup-steps", str(warmup),
+            "--steps", str(steps), "--set", "data.max_samples=48", "--set", "prune.log_every=1",
+            "--set", "prune.checkpoint_every=2", "--set", f"router.embedding_cache={cache}",
+            "--set", "prune.lr_warmup_steps=1", "--set", "prune.lr=0.05"]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, ["prune", *args], env={"HF_HUB_OFFLINE": "1"})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_prune_writes_the_run_directory(tiny_pipeline_dir, emb_cache, tmp_path):
+    run = tmp_path / "run"
+    res = cli(*common(tiny_pipeline_dir, emb_cache), "--output", str(run))
+    assert res.exit_code == 0, res.output
+    for name in ("settings.yaml", "run-meta.json", "arch_space.json", "metrics.jsonl", "codes.safetensors",
+                 "routing.json", "router/config.json", "router/predictor.safetensors"):
+        assert (run / name).is_file(), name
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["phase"] for r in rows] == ["warmup"] * 2 + ["codes"] * 4
+    for r in rows:
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in LOSSES)
+    assert "share_per_expert" in rows[-1] and abs(sum(rows[-1]["share_per_expert"]) - 1) < 1e-9
+    routing = json.loads((run / "routing.json").read_text())
+    assert routing["num_codes"] == 8 and len(routing["share_per_expert"]) == 8
+    assert load_file(str(run / "codes.safetensors"))["logits"].shape[0] == 8
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    # never overwritten without --overwrite
+    before = (run / "metrics.jsonl").read_bytes()
+    again = cli(*common(tiny_pipeline_dir, emb_cache), "--output", str(run))
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags", [["--no-optimal-transport"], ["--no-distill"], ["--method", "uni-arch"]])
+def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
+    run = tmp_path / "run"
+    res = cli(*common(tiny_pipeline_dir, emb_cache, steps=2), *flags, "--output", str(run))
+    assert res.exit_code == 0, res.output
+    routing = json.loads((run / "routing.json").read_text())
+    rows = metrics(run)
+    if "--no-distill" in flags:
+        assert all(r["loss_distill_block"] == 0 for r in rows)
+    if "uni-arch" in flags:
+        assert routing["num_codes"] == 1 and all(r["phase"] == "uni-arch" for r in rows)
+        assert all(r["loss_contrastive"] == 0 for r in rows)
+
+
+def test_bad_input_is_one_line(tiny_pipeline_dir, emb_cache, tmp_path):
+    for args, needle in ((["--budget", "1.5"], "budget"), (["--data", str(tmp_path / "nope")], "nope"),
+                         (["--resolution", "20"], "multiple of 8")):
+        res = cli(*common(tiny_pipeline_dir, emb_cache), *args, "--output", str(tmp_path / "r"))
+        assert res.exit_code == 2, res.output
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def _subprocess(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = (launcher or [sys.executable]) + ["-m", "aptp", "prune", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tiny_pipeline_dir, emb_cache, tmp_path):
+    args = common(tiny_pipeline_dir, emb_cache, steps=8) + ["--quiet"]
+    full = _subprocess(args + ["--output", str(tmp_path / "full")])
+    killed = _subprocess(args + ["--output", str(tmp_path / "killed")])
+    target = tmp_path / "killed" / "checkpoints" / "step-000004"
+    deadline = time.time() + 240
+    while not target.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    assert target.exists(), killed.communicate()[0]
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert full.wait(timeout=300) == 0, full.communicate()[0]
+    assert not (tmp_path / "killed" / "routing.json").exists()  # it really died before the end
+
+    # the budget target is the checkpoint's: resuming with another budget is refused
+    refused = cli(*common(tiny_pipeline_dir, emb_cache, steps=8), "--budget", "0.5", "--resume",
+                  "--output", str(tmp_path / "killed"))
+    assert refused.exit_code == 2 and "budget" in refused.stderr
+
+    resumed = cli(*common(tiny_pipeline_dir, emb_cache, steps=8), "--resume", "--quiet",
+                  "--output", str(tmp_path / "killed"))
+    assert resumed.exit_code == 0, resumed.output
+    a = load_file(str(tmp_path / "full" / "codes.safetensors"))["logits"]
+    b = load_file(str(tmp_path / "killed" / "codes.safetensors"))["logits"]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    steps = [r["step"] for r in metrics(tmp_path / "killed")]
+    assert steps == list(range(1, 11))  # no duplicated or missing log lines
+    info = json.loads((tmp_path / "killed" / "checkpoints" / "step-000010" / "trainer.json").read_text())
+    assert info["budget"] == 0.78 and info["step"] == 10
+
+
+def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, emb_cache, tmp_path):
+    """torchrun with 2 gloo processes × batch 4 ≡ 1 process × batch 8 (same global batch and seed).
+    (`accelerate launch --cpu --num_processes 2` starts a single process on this CPU; torchrun is
+    the launcher accelerate wraps.)"""
+    # Gradients agree to float rounding (~1e-8); Adam turns rounding noise on near-zero gradients
+    # into updates of up to ~lr/2, so this compares at the paper's lr with tolerances of that size.
+    base = common(tiny_pipeline_dir, emb_cache, steps=3)
+    base[base.index("prune.lr=0.05")] = "prune.lr=0.0002"
+    one = _subprocess(base + ["--output", str(tmp_path / "one"), "--quiet"])
+    assert one.wait(timeout=300) == 0, one.communicate()[0]
+    i = base.index("--batch-size")
+    two_args = base[:i] + ["--batch-size", "4"] + base[i + 2 :]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    two = _subprocess(two_args + ["--output", str(tmp_path / "two"), "--quiet"], launcher=launcher)
+    out = two.communicate(timeout=300)[0]
+    assert two.returncode == 0, out
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 5
+    for r1, r2 in zip(m1, m2):
+        for k in LOSSES + ("macs_ratio",):
+            assert r1[k] == pytest.approx(r2[k], rel=1e-3, abs=1e-6), (r1["step"], k)
+    a = load_file(str(tmp_path / "one" / "codes.safetensors"))["logits"]
+    b = load_file(str(tmp_path / "two" / "codes.safetensors"))["logits"]
+    # Adam moves each element by at most ~lr per step: 3 code steps bound the drift by 3·lr
+    torch.testing.assert_close(a, b, atol=3 * 2e-4, rtol=0)
+    assert (a - b).abs().max() < 0.1 * (a - 3.0).abs().max()  # far below the codes' own movement
