@@ -108,7 +108,8 @@ class VaeTrainSettings(_Schedule):
     l1_weight: float = Field(1.0, ge=0, description="Weight of the L1 reconstruction loss.")
     mse_weight: float = Field(1.0, ge=0, description="Weight of the squared reconstruction loss.")
     edge_weight: float = Field(
-        0.5, ge=0, description="Weight of an L1 loss on horizontal/vertical pixel differences (sharp edges, legible text).")
+        0.5, ge=0,
+        description="Weight of an L1 loss on horizontal/vertical pixel differences (sharp edges, legible text).")
     kl_weight: float = Field(1e-5, ge=0, description="Weight of the KL term, per latent element.")
     val_samples: int = Field(256, ge=1, description="Validation images for PSNR.")
     scaling_samples: int = Field(
@@ -128,7 +129,8 @@ class TeacherTrainSettings(_Schedule):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (matrices only).")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the EMA copy (warmed up as (1+k)/(10+k)).")
     caption_dropout: float = Field(
-        0.1, ge=0, le=1, description="Fraction of captions replaced by the empty prompt (for classifier-free guidance).")
+        0.1, ge=0, le=1,
+        description="Fraction of captions replaced by the empty prompt (for classifier-free guidance).")
     tier_weights: dict[str, float] = Field(
         default_factory=lambda: {"easy": 1.0, "medium": 1.0, "hard": 1.5, "hardest": 1.5},
         description="Relative sampling weight of each difficulty tier.")
@@ -472,13 +474,15 @@ class _VaeStage(_Stage):
         # VAE); do the same so the U-Net sees noise-level-matched inputs.
         self.vae.eval()
         n = min(self.cfg.scaling_samples, len(self.images))
-        latents = torch.cat([self.vae.encode(_to_float(chunk)).latent_dist.sample(
-            generator=torch.Generator().manual_seed(self.settings.seed)) for chunk in torch.split(self.images[:n], 250)])
+        g = torch.Generator().manual_seed(self.settings.seed)
+        latents = torch.cat([self.vae.encode(_to_float(chunk)).latent_dist.sample(generator=g)
+                             for chunk in torch.split(self.images[:n], 250)])  # (n, 4, 16, 16)
         std = float(latents.std())
         scaling = 1.0 / std
         self.vae.register_to_config(scaling_factor=scaling)
         _save_dir_atomically(lambda d: self.vae.save_pretrained(d, safe_serialization=True), self.out / "vae")
-        self.output.say(f"latent std {std:.4f} over {n} images -> scaling_factor {scaling:.5f}; wrote {self.out / 'vae'}")
+        self.output.say(f"latent std {std:.4f} over {n} images -> scaling_factor {scaling:.5f}; "
+                        f"wrote {self.out / 'vae'}")
         return {"scaling_factor": scaling, "latent_std": std, "latent_mean": float(latents.mean()),
                 "product": "vae"}
 
@@ -553,7 +557,8 @@ class _TeacherStage(_Stage):
         data = torch.load(cache, map_location="cpu", weights_only=True) if cache.is_file() else None
         if data is None or data.get("key") != key:
             t0 = time.perf_counter()
-            data = {"key": key, "train": self._encode("train", n_train), "validation": self._encode("validation", n_val)}
+            data = {"key": key, "train": self._encode("train", n_train),
+                    "validation": self._encode("validation", n_val)}
             with atomic_path(cache) as tmp:
                 torch.save(data, tmp)
             self.output.say(f"encoded {n_train} train + {n_val} validation images to latents in "
@@ -775,7 +780,8 @@ def _prepare(stage: str, out: Path, recipe: Path | None, overrides: Sequence[str
             diff = sorted(k for k in a if a[k] != b[k])
             if diff or fresh.seed != settings.seed or fresh.world_seed != settings.world_seed:
                 raise SettingsError(f"--resume: recipe {recipe} differs from {out / SETTINGS_FILE} in "
-                                    f"{diff or ['seed/world_seed']}; drop --recipe to continue with the stored settings")
+                                    f"{diff or ['seed/world_seed']}; drop --recipe to continue with the "
+                                    "stored settings")
     else:
         if recipe is None:
             raise SettingsError("--recipe is required (e.g. --recipe recipes/toy-teacher.yaml)")
@@ -815,6 +821,7 @@ def train_stage(stage: str, out: str | os.PathLike[str], *, recipe: str | os.Pat
     """
     if stage not in _STAGE_CLASSES:
         raise SettingsError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
+    t_start = time.perf_counter()
     out = Path(out).expanduser()
     settings = _prepare(stage, out, None if recipe is None else Path(recipe), overrides, steps, resume, overwrite)
     cfg = getattr(settings, stage)
@@ -878,8 +885,11 @@ def train_stage(stage: str, out: str | os.PathLike[str], *, recipe: str | os.Pat
     output.record("eval", cfg.steps, {**metrics, "eval_s": round(time.perf_counter() - t_eval, 2)})
     output.say(f"final eval: {_fmt(metrics)}")
     extra = runner.finish(metrics)
+    # train_wall_s adds up the optimiser steps of every invocation (resumes included);
+    # invocation_wall_s is this call from start to end: setup, evaluations and product included.
     result = {"stage": stage, "steps": cfg.steps, "train_wall_s": round(train_wall, 2),
-              "train_wall_min": round(train_wall / 60, 2), "metrics": metrics, **extra}
+              "train_wall_min": round(train_wall / 60, 2),
+              "invocation_wall_s": round(time.perf_counter() - t_start, 2), "metrics": metrics, **extra}
     atomic_write_json(out / RESULT_FILE, result)
     output.say(f"done: {cfg.steps} steps, {train_wall / 60:.1f} min of training")
     return result

@@ -196,7 +196,7 @@ def test_shipped_toy_pipeline_loads_offline(monkeypatch):
                     reason="domain CLIP not exported yet")
 def test_shipped_domain_clip_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, preprocess, tokenizer = toy.load_domain_clip()
+    model, _, tokenizer = toy.load_domain_clip()
     with torch.no_grad():
         assert model.encode_text(tokenizer(["a red circle"])).shape == (1, 128)
 
