@@ -180,16 +180,16 @@ class PruneSettings(_Section):
 class FinetuneSettings(_Section):
     """`aptp finetune`: fine-tune the pruned experts."""
 
-    steps: int = Field(30000, ge=0, description="Fine-tuning steps.")
-    lr: float = Field(1e-5, ge=0, description="Learning rate.")
-    batch_size: int = Field(128, ge=1, description="Batch size per process.")
+    steps: int = Field(300, ge=0, description="Fine-tuning steps per expert (paper: 30000, see recipes/).")
+    lr: float = Field(5e-5, ge=0, description="Learning rate (paper: 1e-5).")
+    batch_size: int = Field(32, ge=1, description="Batch size per process (paper: 128).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     alpha_ddpm: float = Field(1e-4, ge=0, description="Weight of the denoising (DDPM) loss.")
     alpha_distill: float = Field(1.0, ge=0, description="Weight of the distillation loss.")
     ema: bool = Field(False, description="Keep an exponential moving average of the weights.")
     ema_decay: float = Field(0.9999, ge=0, le=1, description="EMA decay.")
-    checkpoint_every: int = Field(1000, ge=1, description="Save a checkpoint every this many steps.")
-    keep_checkpoints: int = Field(3, ge=0, description="Keep this many most recent checkpoints.")
+    checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every this many steps.")
+    keep_checkpoints: int = Field(2, ge=0, description="Keep this many most recent checkpoints.")
     log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")
     mixed_precision: MixedPrecision = Field("no", description="accelerate mixed precision: no | fp16 | bf16.")
     seed: int = Field(0, description="Seed of the fine-tuning run.")

@@ -50,7 +50,7 @@ def read_vector(path: Path) -> torch.Tensor:
 def inspect_model(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (sd2.1, toy), local diffusers folder or hub id.")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's native size).")] = None,
-    text_len: Annotated[int, typer.Option(help="Text tokens seen by cross-attention.")] = 77,
+    text_len: Annotated[Optional[int], typer.Option(help="Text tokens seen by cross-attention (default: the model's, 77 for SD).")] = None,
     vector: Annotated[Optional[Path], typer.Option(help="Also report an architecture vector (.json/.pt/.safetensors, length D).")] = None,
     save_space: Annotated[Optional[Path], typer.Option(help="Write the architecture space (unit order) as JSON to this file.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="table or json.")] = Format.table,
@@ -66,6 +66,8 @@ def inspect_model(
     scale = vae_scale_factor(ref, s.model.local_files_only)
     if res % scale:
         raise AptpUserError(f"--resolution {res}: must be a multiple of the VAE scale factor {scale}")
+    if text_len is None:
+        text_len = ref.alias.text_len if ref.alias is not None else 77
     if text_len < 1:
         raise AptpUserError(f"--text-len {text_len}: must be >= 1")
     unet = build_unet(ref, local_only=s.model.local_files_only)
@@ -96,10 +98,10 @@ def inspect_model(
     t.add_column("GMACs c+l", justify="right")
     for row in report["blocks"]:
         t.add_row(row["block"], *[str(row[k]) for k in KINDS], str(row["units"]),
-                  f"{row['gmacs']:.2f}", f"{row['gmacs_conv_linear']:.2f}")
+                  f"{row['gmacs']:.4g}", f"{row['gmacs_conv_linear']:.4g}")
     by_kind = report["units"]["by_kind"]
     t.add_row("total", *[str(by_kind[k]) for k in KINDS], str(report["units"]["total"]),
-              f"{report['gmacs']:.2f}", f"{report['gmacs_conv_linear']:.2f}", style="bold")
+              f"{report['gmacs']:.4g}", f"{report['gmacs_conv_linear']:.4g}", style="bold")
     out.print(t)
     ops = report["gmacs_by_op"]
     out.print(f"GMACs by op: conv {ops['conv']:.1f}, linear {ops['linear']:.1f}, attention {ops['attention']:.1f}")

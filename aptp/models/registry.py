@@ -35,9 +35,20 @@ class Alias:
     description: str
     prediction_type: str = "epsilon"
     local_path: str | None = None  # for models shipped inside the package
+    text_len: int = 77  # tokens per prompt (the tokenizer's model_max_length)
 
 
 ALIASES: dict[str, Alias] = {
+    "toy": Alias(
+        hub_id=None,
+        unet_config="toy-unet.json",
+        vae_scale_factor=4,
+        resolution=64,
+        prediction_type="v_prediction",
+        local_path="assets/toy",
+        text_len=24,
+        description="the embedded shapes-world model shipped with aptp (8.6M-parameter U-Net, SD 2.1 topology)",
+    ),
     "sd2.1": Alias(
         hub_id="stabilityai/stable-diffusion-2-1",
         unet_config="sd2.1-unet.json",
@@ -196,6 +207,10 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only:
 
     if ref.source is None or ref.unet_subfolder is None:
         raise ModelNotFoundError(f"--model {ref.name}: a full pipeline folder is needed, not a bare U-Net")
+    if ref.alias is not None and ref.alias.local_path is not None and not (Path(ref.source) / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"--model {ref.name}: its weights are not installed at {ref.source}; train them with "
+            f"recipes/toy-*.yaml (python -m aptp.train.toy ...) and export, or pass --model FOLDER")
     kwargs = dict(dtype=dtype, revision=revision, safety_checker=None, requires_safety_checker=False)
     if not Path(ref.source).is_dir():
         kwargs["local_files_only"] = local_only or offline()

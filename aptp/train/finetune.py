@@ -1,0 +1,254 @@
+"""Fine-tuning the experts (paper §3.4, App. D.5): ``L = α_DDPM·L_DDPM + α_distill·L_distill``.
+
+Each expert starts from the teacher's kept weights (``experts/expert-K``) and trains on the samples
+routed to it (``routes/train/expert-K.json``, written by ``aptp route --data`` or on first use),
+with output- and block-level distillation from the frozen teacher. Runs under
+``accelerate launch`` (DDP over the expert), with mixed precision, gradient accumulation, an
+optional EMA, atomic checkpoints and ``--resume``. Working state lives in
+``finetune/expert-K/`` (settings, metrics, checkpoints); the result is written to
+``finetuned/expert-K/`` in the expert format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from aptp.data import build_dataset
+from aptp.engine.expert import load_expert, read_plan, save_expert
+from aptp.errors import AptpUserError
+from aptp.experts import write_route_index
+from aptp.io import atomic_write_json, prepare_output_dir
+from aptp.rundir import FINETUNED_DIR, RunDir
+from aptp.settings import Settings, write_settings
+from aptp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from aptp.train.diffusion import diffusion_target
+from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
+from aptp.train.prune import _gen, _truncate_metrics
+from aptp.train.teacher import Teacher, load_teacher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    expert: int
+    step: int
+    interrupted: bool
+    path: Path | None
+    samples: int
+
+
+def routed_indices(run: RunDir, k: int, is_main: bool, barrier: Callable[[], None]) -> list[int]:
+    """Training-sample indices routed to expert ``k`` (the index files are written once)."""
+    path = run.routes_dir("train") / f"expert-{k}.json"
+    if not path.is_file():
+        if is_main:
+            write_route_index(run, "train")
+        barrier()
+    return json.loads(path.read_text())["indices"]
+
+
+class ExpertTrainer:
+    """Fine-tunes one expert; ``run()`` trains, checkpoints and writes ``finetuned/expert-K``."""
+
+    def __init__(self, run: RunDir, k: int, settings: Settings, *, teacher: Teacher | None = None,
+                 accelerator=None, log: Callable[[dict], None] | None = None):
+        from accelerate import Accelerator
+
+        self.run_dir, self.k, self.s, self.f = run, k, settings, settings.finetune
+        self.acc = accelerator or Accelerator(mixed_precision=self.f.mixed_precision)
+        self.log = log or (lambda rec: None)
+        self.work = run.path / "finetune" / f"expert-{k}"
+        self.teacher = teacher or load_teacher(settings.model, device=self.acc.device)
+        barrier = self.acc.wait_for_everyone
+        self.indices = routed_indices(run, k, self.acc.is_main_process, barrier)
+        if not self.indices:
+            raise AptpUserError(f"expert {k}: no training sample is routed to it; nothing to fine-tune")
+        self.dataset = build_dataset(settings.data, seed=settings.seed)
+        self.student = load_expert(run.expert_dir(k, "initial"), device=self.acc.device)
+        self.student.train().requires_grad_(True)
+        self.plan = read_plan(run.expert_dir(k, "initial"))
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=self.f.lr)
+        self.ema = None
+        if self.f.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.student.parameters(), decay=self.f.ema_decay)
+        self.model, self.optimizer = self.acc.prepare(self.student, self.optimizer)
+        self.step = 0
+        self.skipped = 0
+        self.global_batch = self.f.batch_size * self.acc.num_processes
+
+    # ------------------------------------------------------------------ data
+    def _batch(self, micro: int) -> dict[str, Any]:
+        n = len(self.indices)
+        per_epoch = max(1, n // self.global_batch)
+        epoch, pos = divmod(micro, per_epoch)
+        order = torch.randperm(n, generator=_gen(self.f.seed, 53, self.k, epoch))
+        if n < self.global_batch:
+            order = order.repeat(math.ceil(self.global_batch / n))
+            picks = order[: self.global_batch]
+        else:
+            picks = order[pos * self.global_batch : (pos + 1) * self.global_batch]
+        r, b = self.acc.process_index, self.f.batch_size
+        local = [self.indices[i] for i in picks[r * b : (r + 1) * b].tolist()]
+        items = [self.dataset[i] for i in local]
+        return {"pixel_values": torch.stack([it["pixel_values"] for it in items]).to(self.acc.device),
+                "caption": [it["caption"] for it in items],
+                "skipped": sum(int(it.get("skipped", 0)) for it in items)}
+
+    def _loss(self, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        t, f = self.teacher, self.f
+        b = len(batch["caption"])
+        g = _gen(f.seed, 211, self.k, micro, self.acc.process_index)
+        mean, std = t.encode_images(batch["pixel_values"])
+        text = t.encode_text(batch["caption"])
+        latents = mean + std * torch.randn(mean.shape, generator=g).to(mean)
+        noise = torch.randn(mean.shape, generator=g).to(mean)
+        steps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(mean.device)
+        x_t = t.noise_scheduler.add_noise(latents, noise, steps)
+        target = diffusion_target(t.noise_scheduler, latents, noise, steps)
+        inner = self.acc.unwrap_model(self.model)
+        with self.acc.autocast(), capture_blocks(inner) as sb:
+            pred = self.model(x_t, steps, text).sample
+        l_ddpm = per_sample_mse(pred, target).mean()
+        if f.alpha_distill > 0:
+            with torch.no_grad(), self.acc.autocast(), capture_blocks(t.unet) as tb:
+                teacher_out = t.unet(x_t, steps, text).sample
+            l_out, l_block = distill_loss(pred, teacher_out, sb, tb)
+            l_out, l_block = l_out.mean(), l_block.mean()
+        else:
+            l_out = l_block = torch.zeros((), device=pred.device)
+        loss = f.alpha_ddpm * l_ddpm + f.alpha_distill * (l_out + l_block)
+        return loss, {"loss": float(loss.detach()), "loss_ddpm": float(l_ddpm.detach()),
+                      "loss_distill_output": float(l_out.detach()), "loss_distill_block": float(l_block.detach())}
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        inner = self.acc.unwrap_model(self.model)
+        return {"model": inner.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "skipped": self.skipped, "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def checkpoint(self) -> None:
+        if self.acc.is_main_process:
+            save_checkpoint(self.work, self.step, self._state(), {"expert": self.k, "steps": self.f.steps},
+                            keep=self.f.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(self.work)
+        if ckpt is None:
+            return False
+        state, _ = load_checkpoint(ckpt)
+        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        _truncate_metrics(self.work / "metrics.jsonl", self.step)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> FinetuneResult:
+        f = self.f
+        stop = {"flag": False}
+        previous = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) \
+            if self.acc.is_main_process else None
+        t0 = time.time()
+        interrupted = False
+        try:
+            while self.step < f.steps:
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                rec: dict[str, float] = {}
+                for a in range(f.grad_accum):
+                    micro = self.step * f.grad_accum + a
+                    batch = self._batch(micro)
+                    sync = a == f.grad_accum - 1
+                    ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
+                    with ctx:
+                        loss, r = self._loss(batch, micro)
+                        self.acc.backward(loss / f.grad_accum)
+                    self.skipped += batch["skipped"]
+                    for key, v in r.items():
+                        rec[key] = rec.get(key, 0.0) + v / f.grad_accum
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.step(self.acc.unwrap_model(self.model).parameters())
+                self.step += 1
+                rec = {"step": self.step, "expert": self.k, **rec, "elapsed_s": round(time.time() - t0, 3)}
+                if self.acc.is_main_process and (self.step % f.log_every == 0 or self.step == f.steps):
+                    with open(self.work / "metrics.jsonl", "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+                    self.log(rec)
+                if progress is not None and self.acc.is_main_process:
+                    progress(self.step, f.steps, rec)
+                if self.step % f.checkpoint_every == 0 or self.step == f.steps:
+                    self.checkpoint()
+                flag = torch.tensor([1.0 if stop["flag"] else 0.0], device=self.acc.device)
+                if self.acc.reduce(flag, reduction="sum").item() > 0:
+                    if self.step % f.checkpoint_every != 0:
+                        self.checkpoint()
+                    interrupted = True
+                    break
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        path = None
+        if not interrupted and self.acc.is_main_process:
+            path = self.finish()
+        self.acc.wait_for_everyone()
+        return FinetuneResult(self.k, self.step, interrupted, path, len(self.indices))
+
+    def finish(self) -> Path:
+        """Write the fine-tuned expert (EMA weights when enabled) to ``finetuned/expert-K``."""
+        inner = self.acc.unwrap_model(self.model)
+        if self.ema is not None:
+            self.ema.copy_to(inner.parameters())
+        inner.eval()
+        self.plan.meta = {**self.plan.meta, "finetuned_steps": self.step, "ema": self.ema is not None,
+                          "samples": len(self.indices)}
+        out = save_expert(inner, self.plan, self.run_dir.path / FINETUNED_DIR / f"expert-{self.k}", overwrite=True)
+        atomic_write_json(self.work / "result.json", {"expert": self.k, "step": self.step, "samples": len(self.indices),
+                                                      "skipped_images": self.skipped, "path": str(out)})
+        return out
+
+
+def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: bool = False, resume: bool = False,
+             progress_factory: Callable[[int], Callable] | None = None, log=None) -> list[FinetuneResult]:
+    """Fine-tune the listed experts one after another (a job array runs one per job)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision=settings.finetune.mixed_precision)
+    results = []
+    teacher = load_teacher(settings.model, device=acc.device)
+    for k in experts:
+        work = run.path / "finetune" / f"expert-{k}"
+        final = run.path / FINETUNED_DIR / f"expert-{k}"
+        if acc.is_main_process:
+            if final.exists() and not (overwrite or resume):
+                raise AptpUserError(f"{final} exists; pass --overwrite to fine-tune expert {k} again or --resume")
+            prepare_output_dir(work, overwrite=overwrite, resume=resume and work.exists())
+        acc.wait_for_everyone()
+        trainer = ExpertTrainer(run, k, settings, teacher=teacher, accelerator=acc, log=log)
+        resumed = trainer.resume() if resume else False
+        if acc.is_main_process and not resumed:
+            write_settings(settings, work)
+        if resumed and trainer.step >= settings.finetune.steps and final.exists():
+            results.append(FinetuneResult(k, trainer.step, False, final, len(trainer.indices)))
+            continue
+        res = trainer.run(progress=progress_factory(k) if progress_factory else None)
+        results.append(res)
+        if res.interrupted:
+            break
+    return results

@@ -1,0 +1,135 @@
+"""Experts end to end on a tiny pipeline: materialize → route → finetune → generate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from aptp.cli.main import app
+from aptp.engine.expert import load_expert, read_plan
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str, input: str | None = None):
+    return CliRunner().invoke(app, list(args), env={"HF_HUB_OFFLINE": "1"}, input=input)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_pipeline_dir, tmp_path_factory):
+    """A pruned and materialized tiny run (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("experts")
+    run = root / "run"
+    res = cli("prune", "--model", str(tiny_pipeline_dir), "--resolution", "16", "--batch-size", "8",
+              "--warmup-steps", "2", "--steps", "6", "--experts", "4", "--output", str(run), "--quiet",
+              "--set", "data.max_samples=64", "--set", f"router.embedding_cache={root / 'emb'}",
+              "--set", "prune.lr=0.5", "--set", "prune.lr_warmup_steps=1", "--set", "prune.budget=0.5")
+    assert res.exit_code == 0, res.output
+    res = cli("materialize", str(run), "--quiet")
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_materialized_experts_start_from_teacher_weights(run, tiny_pipeline_dir):
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    experts = json.loads((run / "experts.json").read_text())["experts"]
+    assert len(experts) == 4 and abs(sum(e["share"] for e in experts) - 1) < 1e-9
+    for e in experts:
+        path = run / e["path"]
+        expert = load_expert(path)
+        plan = read_plan(path)
+        t_state, e_state = teacher.state_dict(), expert.state_dict()
+        for op in plan.ops:
+            if op["op"] != "resnet_channels" or not op["keep"]:
+                continue
+            w = op["unit_width"]
+            ch = torch.tensor([u * w + c for u in op["keep"] for c in range(w)])
+            key = op["module"] + ".conv1.weight"
+            assert torch.equal(e_state[key], t_state[key][ch])
+        # every tensor the plan does not touch is the teacher's, bit for bit
+        touched = {op["module"] for op in plan.ops}
+        for key, val in e_state.items():
+            if key in t_state and not any(key.startswith(m + ".") for m in touched):
+                assert torch.equal(val, t_state[key]), key
+        assert e["params"] <= sum(p.numel() for p in teacher.parameters())
+
+
+def test_route_from_stdin_jsonl_and_formats(run):
+    res = cli("route", str(run), "--prompts", "-", "--format", "jsonl",
+              input="a red circle\nthe word SUN in white letters\n")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red circle", "the word SUN in white letters"]
+    assert all(0 <= r["expert"] < 4 and 0 < r["macs_ratio"] <= 1 and -1 <= r["similarity"] <= 1 for r in rows)
+    csv_out = cli("route", str(run), "a red circle", "--format", "csv")
+    assert csv_out.exit_code == 0 and csv_out.stdout.splitlines()[0] == "prompt,expert,macs_ratio,similarity"
+    assert cli("route", str(run), "a red circle", "--format", "table").exit_code == 0
+    # routing of a prompt does not depend on its batch or position
+    prompts = [f"a {c} square" for c in ("red", "blue", "green", "yellow")] * 16
+    batch = cli("route", str(run), *prompts)
+    alone = cli("route", str(run), prompts[5])
+    assert json.loads(batch.stdout.splitlines()[5])["expert"] == json.loads(alone.stdout)["expert"]
+    assert cli("route", str(run)).exit_code == 2  # no prompts: one line, exit 2
+
+
+def test_route_data_writes_index_files(run):
+    res = cli("route", str(run), "--data")
+    assert res.exit_code == 0, res.output
+    files = sorted((run / "routes" / "train").glob("expert-*.json"))
+    assert len(files) == 4
+    total = sum(len(json.loads(f.read_text())["indices"]) for f in files)
+    assert total == 64
+    assert cli("route", str(run), "--data").exit_code == 2  # never overwritten silently
+
+
+def test_finetune_two_steps_changes_weights(run):
+    experts = json.loads((run / "experts.json").read_text())["experts"]
+    k = max(experts, key=lambda e: e["prompts"])["expert"]
+    before = load_expert(run / "experts" / f"expert-{k}").state_dict()
+    res = cli("finetune", str(run), "--expert", str(k), "--steps", "2", "--batch-size", "4", "--lr", "1e-2", "--set", "finetune.log_every=1",
+              "--quiet")
+    assert res.exit_code == 0, res.output
+    after = load_expert(run / "finetuned" / f"expert-{k}").state_dict()
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert len(changed) > len(before) // 2
+    # the materialized expert stays as it was
+    assert all(torch.equal(v, load_expert(run / "experts" / f"expert-{k}").state_dict()[key])
+               for key, v in before.items())
+    rows = [json.loads(x) for x in (run / "finetune" / f"expert-{k}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    again = cli("finetune", str(run), "--expert", str(k), "--steps", "2", "--quiet")
+    assert again.exit_code == 2  # existing result is not overwritten without --overwrite
+    assert cli("finetune", str(run), "--expert", "9").exit_code == 2
+
+
+def test_generate_mixed_batch_equals_alone(run, tmp_path):
+    prompts = ["a red circle", "the word SUN in white letters on a black background",
+               "two green triangles left of a yellow star", "a small blue square in the top left",
+               "a purple heart", "a large orange star"]
+    res = cli("generate", str(run), *prompts, "--output", str(tmp_path / "mix"), "--steps", "3",
+              "--guidance", "3", "--batch-size", "4", "--weights", "initial", "--quiet")
+    assert res.exit_code == 0, res.output
+    manifest = [json.loads(x) for x in (tmp_path / "mix" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["prompt"] for m in manifest] == prompts and [m["seed"] for m in manifest] == list(range(6))
+    assert len({m["expert"] for m in manifest}) >= 1
+    i = 3
+    alone = cli("generate", str(run), prompts[i], "--seed", str(i), "--output", str(tmp_path / "alone"),
+                "--steps", "3", "--guidance", "3", "--weights", "initial", "--quiet")
+    assert alone.exit_code == 0, alone.output
+    a = np.asarray(Image.open(tmp_path / "mix" / manifest[i]["file"]), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "alone" / "00000.png"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1  # fp32 differences across batch shapes, at most one 8-bit level
+    full = cli("generate", str(run), prompts[0], "--full", "--output", str(tmp_path / "full"), "--steps", "2",
+               "--quiet")
+    assert full.exit_code == 0 and json.loads((tmp_path / "full" / "manifest.jsonl").read_text())["expert"] == "full"
+    # an existing output folder is not overwritten
+    assert cli("generate", str(run), prompts[0], "--output", str(tmp_path / "mix"), "--quiet").exit_code == 2
