@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from aptp.settings import Settings, write_settings
 from aptp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from aptp.train.diffusion import diffusion_target
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
-from aptp.train.prune import _gen, _truncate_metrics
+from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
+from aptp.train.prune import _truncate_metrics
 from aptp.train.teacher import Teacher, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -90,22 +90,16 @@ class ExpertTrainer:
         self.global_batch = self.f.batch_size * self.acc.num_processes
 
     # ------------------------------------------------------------------ data
-    def _batch(self, micro: int) -> dict[str, Any]:
-        n = len(self.indices)
-        per_epoch = max(1, n // self.global_batch)
-        epoch, pos = divmod(micro, per_epoch)
-        order = torch.randperm(n, generator=_gen(self.f.seed, 53, self.k, epoch))
-        if n < self.global_batch:
-            order = order.repeat(math.ceil(self.global_batch / n))
-            picks = order[: self.global_batch]
-        else:
-            picks = order[pos * self.global_batch : (pos + 1) * self.global_batch]
-        r, b = self.acc.process_index, self.f.batch_size
-        local = [self.indices[i] for i in picks[r * b : (r + 1) * b].tolist()]
-        items = [self.dataset[i] for i in local]
-        return {"pixel_values": torch.stack([it["pixel_values"] for it in items]).to(self.acc.device),
-                "caption": [it["caption"] for it in items],
-                "skipped": sum(int(it.get("skipped", 0)) for it in items)}
+    def _batches(self):
+        """This process's micro-batches of the samples routed to the expert, from the current step."""
+        f = self.f
+        sampler = GlobalBatchSampler(self.indices, f.batch_size, self.acc.num_processes, self.acc.process_index,
+                                     f.seed, start=self.step * f.grad_accum, stop=f.steps * f.grad_accum,
+                                     stream=53 + self.k)
+        for batch in batch_loader(self.dataset, sampler, self.s.data.num_workers):
+            batch["pixel_values"] = batch["pixel_values"].to(self.acc.device)
+            batch["skipped"] = int(batch["skipped"].sum()) if "skipped" in batch else 0
+            yield batch
 
     def _loss(self, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         t, f = self.teacher, self.f
@@ -166,6 +160,7 @@ class ExpertTrainer:
             if self.acc.is_main_process else None
         t0 = time.time()
         interrupted = False
+        batches = self._batches()
         try:
             while self.step < f.steps:
                 self.model.train()
@@ -173,7 +168,7 @@ class ExpertTrainer:
                 rec: dict[str, float] = {}
                 for a in range(f.grad_accum):
                     micro = self.step * f.grad_accum + a
-                    batch = self._batch(micro)
+                    batch = next(batches)
                     sync = a == f.grad_accum - 1
                     ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
                     with ctx:

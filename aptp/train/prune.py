@@ -46,6 +46,7 @@ from aptp.router.encoder import PromptEncoder
 from aptp.router.losses import contrastive_loss, global_mean, resource_loss
 from aptp.router.router import PromptRouter, save_router
 from aptp.settings import Settings, write_settings
+from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
 from aptp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from aptp.train.diffusion import diffusion_target
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
@@ -66,32 +67,6 @@ class PruneResult:
     step: int
     interrupted: bool
     routing: dict[str, Any] | None
-
-
-def _gen(seed: int, *keys: int) -> torch.Generator:
-    g = torch.Generator("cpu")
-    h = seed
-    for k in keys:
-        h = (h * 6364136223846793005 + k + 1442695040888963407) % (2**63)
-    g.manual_seed(h)
-    return g
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch: a permutation fixed by (seed, epoch)."""
-    return torch.randperm(n, generator=_gen(seed, 17, epoch))
-
-
-def global_batch_indices(n: int, global_batch: int, seed: int, micro_step: int) -> list[int]:
-    """Indices of the ``micro_step``-th global batch (every process computes the same list)."""
-    per_epoch = max(1, n // global_batch)
-    epoch, pos = divmod(micro_step, per_epoch)
-    order = epoch_order(n, seed, epoch)
-    if n < global_batch:  # tiny data sets: wrap around
-        reps = math.ceil(global_batch / n)
-        order = torch.cat([epoch_order(n, seed, epoch * 1000 + r) for r in range(reps)])
-        return order[:global_batch].tolist()
-    return order[pos * global_batch : (pos + 1) * global_batch].tolist()
 
 
 class Pruner:
@@ -147,19 +122,16 @@ class Pruner:
         self.total_steps = (0 if self.uni else self.p.warmup_steps) + self.p.steps
 
     # ------------------------------------------------------------------ data
-    def _micro_batch(self, micro_step: int) -> dict[str, Any]:
-        idx = global_batch_indices(len(self.dataset), self.global_batch, self.p.seed, micro_step)
-        r, b = self.comm.rank, self.p.batch_size
-        local = idx[r * b : (r + 1) * b]
-        items = [self.dataset[i] for i in local]
-        return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]).to(self.device),
-            "caption": [it["caption"] for it in items],
-            "index": torch.tensor([it["index"] for it in items]),
-            "z": self.z_all[torch.tensor([i for i in local])].to(self.device),
-            "skipped": sum(int(it.get("skipped", 0)) for it in items),
-            "global_index": idx,
-        }
+    def _batches(self):
+        """This process's micro-batches from the current step to the end (resumable order)."""
+        ga = self.p.grad_accum
+        sampler = GlobalBatchSampler(range(len(self.dataset)), self.p.batch_size, self.comm.world_size,
+                                     self.comm.rank, self.p.seed, start=self.step * ga, stop=self.total_steps * ga)
+        for batch in batch_loader(self.dataset, sampler, self.s.data.num_workers):
+            batch["pixel_values"] = batch["pixel_values"].to(self.device)
+            batch["z"] = self.z_all[batch["index"]].to(self.device)  # the caption actually returned
+            batch["skipped"] = int(batch["skipped"].sum()) if "skipped" in batch else 0
+            yield batch
 
     # ------------------------------------------------------------------ one micro-batch
     def _loss(self, batch: dict[str, Any], micro_step: int) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
@@ -322,6 +294,7 @@ class Pruner:
         previous = signal.signal(signal.SIGINT, on_sigint) if self.comm.rank == 0 else None
         metrics = self.run_dir / "metrics.jsonl"
         t0 = time.time()
+        batches = self._batches()
         try:
             while self.step < self.total_steps:
                 if not self.uni and not self.codes_ready and self.step >= p.warmup_steps:
@@ -332,7 +305,7 @@ class Pruner:
                 shares = torch.zeros(self.router.num_codes, dtype=torch.float64)
                 for k in range(p.grad_accum):
                     micro = self.step * p.grad_accum + k
-                    batch = self._micro_batch(micro)
+                    batch = next(batches)
                     loss, rec, assign_counts = self._loss(batch, micro)
                     (loss / p.grad_accum).backward()
                     self.skipped += batch["skipped"]
