@@ -202,6 +202,15 @@ def resolve_open_clip_weights(name: str, pretrained: str | None, cache_dir: str 
     )
 
 
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.split("/", 2)[1:2] == ["code"] for n in zf.namelist())
+
+
 class ClipFeatures:
     """L2-normalised CLIP image and text embeddings from an open_clip model.
 
@@ -232,7 +241,9 @@ class ClipFeatures:
             name: A built-in architecture (``"ViT-B-32"``), or ``"local-dir:<folder>"`` /
                 ``"hf-hub:<org/repo>"`` (the latter from the local HF cache only).
             pretrained: Weight file path or open_clip tag; None means OpenAI's weights. Ignored
-                for ``local-dir:`` and ``hf-hub:`` names, which carry their weights.
+                for ``local-dir:`` and ``hf-hub:`` names, which carry their weights. A bare file
+                says nothing about its activation: for a file of OpenAI weights name the
+                architecture ``"ViT-B-32-quickgelu"`` (a tag sets QuickGELU by itself).
             device: Where to put the model.
             cache_dir: Hugging Face hub cache to look in (None: the default).
 
@@ -241,6 +252,20 @@ class ClipFeatures:
         """
         import open_clip
 
+        label = None
+        if name.startswith("hf-hub:"):
+            # Resolve the cached snapshot folder and load it as a local dir: never a network call.
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = name.removeprefix("hf-hub:")
+            hit = try_to_load_from_cache(repo, "open_clip_config.json",
+                                         cache_dir=None if cache_dir is None else str(cache_dir))
+            if not isinstance(hit, str):
+                raise ModelNotFoundError(
+                    f"open_clip model {repo!r} is not in the Hugging Face cache; download it on a connected "
+                    "machine or pass its folder as local-dir:/path/to/folder"
+                )
+            name, label = f"local-dir:{Path(hit).parent}", f"open_clip-{repo.replace('/', '-')}"
         if name.startswith("local-dir:"):
             folder = Path(name.removeprefix("local-dir:")).expanduser()
             if not (folder / "open_clip_config.json").is_file():
@@ -248,22 +273,14 @@ class ClipFeatures:
                     f"no open_clip model folder at {str(folder)!r} (open_clip_config.json is missing); "
                     "pass a folder written by open_clip's save or aptp.models.toy.save_domain_clip"
                 )
-            model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder.resolve()}", device=device)
-            tokenizer = open_clip.get_tokenizer(f"local-dir:{folder.resolve()}")
-            return cls(model.float(), preprocess, tokenizer, label=f"open_clip-{folder.name}")
-        if name.startswith("hf-hub:"):
-            from huggingface_hub import try_to_load_from_cache
-
-            repo = name.removeprefix("hf-hub:")
-            if not isinstance(try_to_load_from_cache(repo, "open_clip_config.json",
-                                                     cache_dir=None if cache_dir is None else str(cache_dir)), str):
+            if not any((folder / f).is_file() for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
                 raise ModelNotFoundError(
-                    f"open_clip model {repo!r} is not in the Hugging Face cache; download it on a connected "
-                    "machine or pass a local folder as local-dir:/path/to/folder"
+                    f"open_clip model folder {str(folder)!r} has no open_clip_model.safetensors or "
+                    "open_clip_pytorch_model.bin; copy the weight file into it"
                 )
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, cache_dir=cache_dir)
-            return cls(model.float(), preprocess, open_clip.get_tokenizer(name), label=f"open_clip-{repo.replace('/', '-')}")
+            spec = f"local-dir:{folder.resolve()}"
+            model, _, preprocess = open_clip.create_model_and_transforms(spec, device=device)
+            return cls(model.float(), preprocess, open_clip.get_tokenizer(spec), label=label or f"open_clip-{folder.name}")
         if name not in open_clip.list_models():
             raise ModelNotFoundError(f"{name!r} is not an open_clip architecture; use e.g. 'ViT-B-32'")
         weights = resolve_open_clip_weights(name, pretrained, cache_dir)
@@ -274,6 +291,10 @@ class ClipFeatures:
             kwargs["force_quick_gelu"] = True  # what the tag was trained with; a file path can't say
         if cfg.get("mean") and cfg.get("std"):
             kwargs.update(image_mean=tuple(cfg["mean"]), image_std=tuple(cfg["std"]))
+        if _is_torchscript(weights):
+            # OpenAI's original checkpoints (open_clip's URL downloads) are TorchScript archives,
+            # which torch.load refuses with weights_only=True; torch.jit.load runs no pickled code.
+            kwargs["weights_only"] = False
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(weights), device=device, **kwargs)
         label = f"open_clip-{name}-{tag if cfg else weights.stem}"
         return cls(model.float(), preprocess, open_clip.get_tokenizer(name), label=label)

@@ -108,7 +108,7 @@ def frechet_distance(real: torch.Tensor | GaussianStats, fake: torch.Tensor | Ga
         fake: ``(M, d)`` features or their :class:`GaussianStats`.
 
     Returns:
-        ``||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))`` (>= 0 up to round-off).
+        ``||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))``, clamped at 0.
 
     Raises:
         ValueError: If the widths differ or a set has fewer than 2 vectors.
@@ -122,7 +122,8 @@ def frechet_distance(real: torch.Tensor | GaussianStats, fake: torch.Tensor | Ga
     inner = root1 @ s2 @ root1  # (d, d) symmetric PSD, same eigenvalues as S1 S2
     tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
     diff = mu1 - mu2
-    return float(diff @ diff + s1.trace() + s2.trace() - 2 * tr_sqrt)
+    # FD >= 0; identical sets give round-off of either sign, report those as 0.
+    return max(float(diff @ diff + s1.trace() + s2.trace() - 2 * tr_sqrt), 0.0)
 
 
 def fid_torchmetrics(real: torch.Tensor | Sequence[Image.Image], fake: torch.Tensor | Sequence[Image.Image],
