@@ -216,11 +216,22 @@ class EvalSettings(_Section):
         default_factory=lambda: ["fid", "clip", "cmmd"], description="Metrics to compute."
     )
     limit: int | None = Field(None, ge=1, description="Evaluate at most this many prompts; None = all.")
-    clip_model: str = Field("ViT-B-32", description="open_clip model for the CLIP score.")
-    clip_pretrained: str | None = Field(None, description="open_clip pretrained tag; None = its default.")
-    fid_features: str | None = Field(
-        None, description="FID feature extractor weights (path); None = default."
+    clip_model: str = Field(
+        "auto",
+        description="CLIP network for CLIP score and CMMD: auto (domain-clip on shapes, else ViT-B-32), "
+        "domain-clip[:FOLDER], an open_clip name (ViT-B-32) or local-dir:FOLDER.",
     )
+    clip_pretrained: str | None = Field(None, description="open_clip weights: a file or a tag; None = openai.")
+    fid_features: str | None = Field(
+        None,
+        description="FID feature network: None = auto (domain-clip on shapes, else inception), inception, "
+        "a .pth Inception file, domain-clip[:FOLDER], clip (the CLIP network) or an open_clip folder.",
+    )
+    pickscore_model: str | None = Field(None, description="Folder of the PickScore_v1 CLIPModel (local).")
+    cmmd_estimator: Literal["unbiased", "biased"] = Field(
+        "unbiased", description="MMD² estimator of CMMD (the reference code uses biased)."
+    )
+    split: str = Field("validation", description="Data split whose captions and images are the reference.")
     resolution: int = Field(256, ge=1, description="Images are resized to this size before scoring.")
 
 

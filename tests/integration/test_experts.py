@@ -133,3 +133,37 @@ def test_generate_mixed_batch_equals_alone(run, tmp_path):
     assert full.exit_code == 0 and json.loads((tmp_path / "full" / "manifest.jsonl").read_text())["expert"] == "full"
     # an existing output folder is not overwritten
     assert cli("generate", str(run), prompts[0], "--output", str(tmp_path / "mix"), "--quiet").exit_code == 2
+
+
+def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
+    """`aptp eval` on the mixture, the teacher and a folder of generated images, one table."""
+    from aptp.models.toy import build_domain_clip, save_domain_clip
+
+    clip_dir = tmp_path / "clip"
+    save_domain_clip(build_domain_clip(0), clip_dir, torch.float32)
+    gen = cli("generate", str(run), "--prompts", "-", "--output", str(tmp_path / "gen"), "--steps", "2", "--quiet",
+              input="\n".join(_validation_captions(run, 4)) + "\n")
+    assert gen.exit_code == 0, gen.output
+    res = cli("eval", str(run), str(tiny_pipeline_dir), str(tmp_path / "gen"), "--limit", "4", "--steps", "2",
+              "--output", str(tmp_path / "eval"), "--format", "json", "--quiet",
+              "--set", f"eval.clip_model=domain-clip:{clip_dir}")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["kind"] for r in rows] == ["run", "model", "images"]
+    for r in rows:
+        assert r["n_images"] == 4 and r["fid"] >= 0 and 0 <= r["clip"] <= 100 and "cmmd" in r
+    assert rows[1]["macs_ratio"] == 1.0 and 0 < rows[0]["macs_ratio"] <= 1
+    assert rows[0]["seconds_per_image"] > 0 and rows[2]["seconds_per_image"] is None
+    # the generated folder holds the same routed images as the run's own generation
+    assert rows[2]["clip"] == pytest.approx(rows[0]["clip"], abs=1.0)
+    assert (tmp_path / "eval" / "results.csv").is_file() and (tmp_path / "eval" / "results.json").is_file()
+    bad = cli("eval", str(tmp_path / "nothing-here"), "--limit", "2")
+    assert bad.exit_code == 2
+
+
+def _validation_captions(run, n):
+    from aptp.data import build_dataset
+    from aptp.settings import load_settings
+
+    s = load_settings(run)
+    return build_dataset(s.data, split="validation").captions()[:n]

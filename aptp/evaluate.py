@@ -1,0 +1,165 @@
+"""``aptp eval``: generate for the evaluation captions and score, several models side by side.
+
+A target is a run directory (its routed mixture of experts), a model (alias, diffusers folder or
+hub id: the unpruned pipeline), or a folder of generated images with ``manifest.jsonl`` (from
+``aptp generate``). Protocol as the paper (App. E.3): the data set's evaluation captions, fixed
+seeds (prompt *i* gets ``generate.seed + i``), images generated at the model's resolution and
+resized to ``eval.resolution`` with PIL bicubic; real reference statistics cached per data set
+and feature network. MACs per image and measured seconds per image are reported beside quality.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from aptp.errors import AptpUserError
+from aptp.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str  # run | model | images
+    path: str
+
+
+def classify(target: str) -> Target:
+    p = Path(target).expanduser()
+    if p.is_dir() and (p / "settings.yaml").is_file():
+        return Target(target, "run", str(p))
+    if p.is_dir() and (p / "manifest.jsonl").is_file():
+        return Target(target, "images", str(p))
+    from aptp.models.registry import resolve_model
+
+    resolve_model(target)  # raises one line if it is none of them
+    return Target(target, "model", target)
+
+
+def _to_pil(x: torch.Tensor) -> Image.Image:
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+def reference(settings: Settings, limit: int | None) -> tuple[list[str], Callable[[], list[Image.Image]], str]:
+    """(captions, a loader of the matching real images, a cache key naming this exact real set)."""
+    from aptp.data import build_dataset
+
+    ds = build_dataset(settings.data, split=settings.eval.split, seed=settings.seed)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    captions = ds.captions()[:n]
+
+    def load() -> list[Image.Image]:
+        return [_to_pil(ds[i]["pixel_values"]) for i in range(n)]
+
+    key = f"{settings.data.name}-{settings.eval.split}-n{n}-r{settings.data.resolution}-seed{settings.seed}"
+    return captions, load, key.replace("/", "_")
+
+
+def feature_networks(settings: Settings):
+    """(CLIP features, FID features) named by the eval settings ("auto" picks by data set)."""
+    from aptp.metrics import ClipFeatures
+    from aptp.metrics.features import load_fid_features
+
+    e = settings.eval
+    shapes = settings.data.name == "shapes"
+    name = e.clip_model
+    if name == "auto":
+        name = "domain-clip" if shapes else "ViT-B-32"
+    if name == "domain-clip" or name.startswith("domain-clip:"):
+        clip = ClipFeatures.domain_clip(name.partition(":")[2] or None)
+    else:
+        clip = ClipFeatures.from_open_clip(name, e.clip_pretrained)
+    fid_spec = e.fid_features if e.fid_features is not None else ("clip" if shapes and name.startswith("domain-clip") else None)
+    fid = load_fid_features(fid_spec, clip=clip)
+    return clip, fid
+
+
+def _generate_target(t: Target, settings: Settings, captions: list[str]) -> tuple[list[Image.Image], float, float]:
+    """(images, mean MACs ratio over the prompts, seconds per image)."""
+    from aptp.generate import ExpertPipeline, plan_jobs
+    from aptp.rundir import RunDir
+    from aptp.train.teacher import load_teacher
+
+    g = settings.generate
+    if t.kind == "run":
+        run = RunDir(t.path)
+        s = run.settings
+        pipe = load_teacher(s.model).pipeline
+        jobs = plan_jobs(run, captions, g.seed, None, False)
+        ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()}
+        macs = sum(ratios[j.expert] for j in jobs) / len(jobs)
+        res = s.data.resolution
+        ep = ExpertPipeline(run, pipe)
+    else:
+        from aptp.models.registry import default_resolution, resolve_model
+        from aptp.settings import ModelSettings
+
+        pipe = load_teacher(ModelSettings(name=t.path)).pipeline
+        jobs = plan_jobs(None, captions, g.seed, None, True)
+        macs = 1.0
+        res = default_resolution(resolve_model(t.path))
+        ep = ExpertPipeline(None, pipe)
+    h, w = g.height or res, g.width or res
+    start = time.perf_counter()
+    images = ep.render(jobs, g, h, w)
+    seconds = (time.perf_counter() - start) / len(jobs)
+    return [images[j.index] for j in jobs], macs, seconds
+
+
+def _read_images(t: Target, captions: list[str]) -> tuple[list[Image.Image], float | None, None]:
+    rows = [json.loads(line) for line in (Path(t.path) / "manifest.jsonl").read_text().splitlines() if line]
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt"], r)
+    missing = [c for c in captions if c not in by_prompt]
+    if missing:
+        raise AptpUserError(f"{t.path}: manifest.jsonl has no image for {len(missing)} evaluation captions "
+                            f"(e.g. {missing[0]!r}); generate them with `aptp generate ... --prompts FILE`")
+    chosen = [by_prompt[c] for c in captions]
+    ratios = [r.get("macs_ratio") for r in chosen]
+    macs = sum(ratios) / len(ratios) if all(isinstance(x, (int, float)) for x in ratios) else None
+    return [Image.open(Path(t.path) / r["file"]).convert("RGB") for r in chosen], macs, None
+
+
+def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None = None,
+             on_target: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every target on the same captions and real images; one result row per target."""
+    from aptp.metrics import PickScore, compute_metrics
+
+    parsed = [classify(t) for t in targets]
+    e = settings.eval
+    captions, load_real, key = reference(settings, e.limit)
+    clip, fid = feature_networks(settings)
+    pick = PickScore.from_pretrained(e.pickscore_model) if "pickscore" in e.metrics else None
+    real_images: list[Image.Image] | None = None
+    rows = []
+    for t in parsed:
+        if on_target is not None:
+            on_target(t.name)
+        if t.kind == "images":
+            images, macs, seconds = _read_images(t, captions)
+        else:
+            images, macs, seconds = _generate_target(t, settings, captions)
+        if images_dir is not None:
+            folder = images_dir / Path(t.name).name.replace(":", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(images):
+                img.save(folder / f"{i:05d}.png")
+        if real_images is None:
+            real_images = load_real()
+        scores = compute_metrics(images, captions, real_images, e.metrics, clip, fid_features=fid,
+                                 real_stats_key=key, resolution=e.resolution, pickscore=pick,
+                                 cmmd_estimator=e.cmmd_estimator)
+        rows.append({"target": t.name, "kind": t.kind, "macs_ratio": macs, "seconds_per_image": seconds,
+                     **scores, "cmmd_estimator": e.cmmd_estimator})
+    return rows
