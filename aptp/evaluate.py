@@ -50,6 +50,16 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def tiers_of(settings: Settings, n: int) -> list[str] | None:
+    """Difficulty tier of each evaluation sample (the shapes world only)."""
+    if settings.data.name != "shapes":
+        return None
+    from aptp.data.shapes import ShapesWorld
+
+    world = ShapesWorld(settings.seed)
+    return [world.tier(settings.eval.split, i) for i in range(n)]
+
+
 def reference(settings: Settings, limit: int | None) -> tuple[list[str], Callable[[], list[Image.Image]], str]:
     """(captions, a loader of the matching real images, a cache key naming this exact real set)."""
     from aptp.data import build_dataset
@@ -134,7 +144,8 @@ def _read_images(t: Target, captions: list[str]) -> tuple[list[Image.Image], flo
 def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None = None,
              on_target: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Evaluate every target on the same captions and real images; one result row per target."""
-    from aptp.metrics import PickScore, compute_metrics
+    from aptp.metrics import PickScore, compute_metrics, resize_for_eval
+    from aptp.metrics.clip_score import clip_scores
 
     parsed = [classify(t) for t in targets]
     e = settings.eval
@@ -142,6 +153,7 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
     clip, fid = feature_networks(settings)
     pick = PickScore.from_pretrained(e.pickscore_model) if "pickscore" in e.metrics else None
     real_images: list[Image.Image] | None = None
+    tiers = tiers_of(settings, len(captions))
     rows = []
     for t in parsed:
         if on_target is not None:
@@ -160,6 +172,12 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
         scores = compute_metrics(images, captions, real_images, e.metrics, clip, fid_features=fid,
                                  real_stats_key=key, resolution=e.resolution, pickscore=pick,
                                  cmmd_estimator=e.cmmd_estimator)
-        rows.append({"target": t.name, "kind": t.kind, "macs_ratio": macs, "seconds_per_image": seconds,
-                     **scores, "cmmd_estimator": e.cmmd_estimator})
+        row = {"target": t.name, "kind": t.kind, "macs_ratio": macs, "seconds_per_image": seconds,
+               **scores, "cmmd_estimator": e.cmmd_estimator}
+        if tiers is not None and "clip" in e.metrics:
+            per = clip_scores([resize_for_eval(i, e.resolution) for i in images], captions, clip)
+            for tier in dict.fromkeys(tiers):
+                mask = torch.tensor([x == tier for x in tiers])
+                row[f"clip_{tier}"] = float(per[mask].mean())
+        rows.append(row)
     return rows

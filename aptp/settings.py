@@ -153,8 +153,10 @@ class PruneSettings(_Section):
     budget: float = Field(
         0.78, gt=0, le=1, description="Target MACs as a fraction of the base model (0 < b <= 1)."
     )
-    method: Literal["aptp", "uni-arch"] = Field(
-        "aptp", description="'aptp': prompt-routed experts; 'uni-arch': one architecture for all prompts."
+    method: Literal["aptp", "uni-arch", "weight-norm"] = Field(
+        "aptp",
+        description="'aptp': prompt-routed experts; 'uni-arch': one learned architecture for all prompts; "
+        "'weight-norm': one static architecture by L1 weight norms (Li et al. 2017), no training.",
     )
     optimal_transport: bool = Field(True, description="Balance prompts over codes with Sinkhorn OT.")
     distill: bool = Field(True, description="Distill from the unpruned teacher while pruning.")

@@ -75,7 +75,8 @@ def evaluate(
         w.writerows(rows)
         out.file.write(buf.getvalue())
     else:
-        shown = [(k, label) for k, label in COLUMNS if any(r.get(k) is not None for r in rows)]
+        tier_cols = [(k, k.replace("clip_", "CLIP ")) for k in rows[0] if k.startswith("clip_") and k != "clip_features"]
+        shown = [(k, label) for k, label in COLUMNS + tier_cols if any(r.get(k) is not None for r in rows)]
         n = rows[0].get("n_images")
         t = Table(title=f"{s.data.name} {s.eval.split}: {n} prompts, images at {s.eval.resolution}px "
                         f"(features: {rows[0].get('clip_features') or rows[0].get('fid_features')})")

@@ -81,7 +81,8 @@ class Pruner:
         self.comm = comm or default_collective()
         self.device = torch.device(device)
         self.log = log or (lambda rec: None)
-        self.uni = self.p.method == "uni-arch"
+        self.uni = self.p.method in ("uni-arch", "weight-norm")  # one architecture for every prompt
+        self.static = self.p.method == "weight-norm"
         if self.p.budget <= 0 or self.p.budget > 1:
             raise SettingsError(f"prune.budget {self.p.budget}: must be in (0, 1]")
 
@@ -119,7 +120,14 @@ class Pruner:
         self.skipped = 0
         self.budget = self.p.budget
         self.global_batch = self.p.batch_size * self.comm.world_size
-        self.total_steps = (0 if self.uni else self.p.warmup_steps) + self.p.steps
+        self.total_steps = 0 if self.static else (0 if self.uni else self.p.warmup_steps) + self.p.steps
+        if self.static:
+            from aptp.engine.baselines import weight_norm_vector
+
+            v = weight_norm_vector(t.unet, self.space, self.macs, self.budget)
+            bias = self.router.init_bias
+            with torch.no_grad():  # the single code's hard vector is exactly v
+                self.router.codes.logits.copy_(torch.where(v > 0, bias, -bias).unsqueeze(0))
 
     # ------------------------------------------------------------------ data
     def _batches(self):

@@ -152,6 +152,7 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     assert [r["kind"] for r in rows] == ["run", "model", "images"]
     for r in rows:
         assert r["n_images"] == 4 and r["fid"] >= 0 and 0 <= r["clip"] <= 100 and "cmmd" in r
+        assert any(k in r for k in ("clip_easy", "clip_medium", "clip_hard", "clip_hardest"))
     assert rows[1]["macs_ratio"] == 1.0 and 0 < rows[0]["macs_ratio"] <= 1
     assert rows[0]["seconds_per_image"] > 0 and rows[2]["seconds_per_image"] is None
     # the generated folder holds the same routed images as the run's own generation

@@ -40,7 +40,8 @@ def cli(*args: str):
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_prune_writes_the_run_directory(tiny_pipeline_dir, emb_cache, tmp_path):
@@ -67,7 +68,8 @@ def test_prune_writes_the_run_directory(tiny_pipeline_dir, emb_cache, tmp_path):
     assert (run / "metrics.jsonl").read_bytes() == before
 
 
-@pytest.mark.parametrize("flags", [["--no-optimal-transport"], ["--no-distill"], ["--method", "uni-arch"]])
+@pytest.mark.parametrize("flags", [["--no-optimal-transport"], ["--no-distill"], ["--method", "uni-arch"],
+                                   ["--method", "weight-norm"]])
 def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
     run = tmp_path / "run"
     res = cli(*common(tiny_pipeline_dir, emb_cache, steps=2), *flags, "--output", str(run))
@@ -76,6 +78,9 @@ def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
     rows = metrics(run)
     if "--no-distill" in flags:
         assert all(r["loss_distill_block"] == 0 for r in rows)
+    if "weight-norm" in flags:  # static: no training, one architecture just under the budget
+        assert rows == [] and routing["num_codes"] == 1
+        assert 0.7 <= routing["mean_macs_ratio"] <= 0.78
     if "uni-arch" in flags:
         assert routing["num_codes"] == 1 and all(r["phase"] == "uni-arch" for r in rows)
         assert all(r["loss_contrastive"] == 0 for r in rows)

@@ -234,3 +234,22 @@ def test_sd21_analytic_equals_counted_for_random_vectors():
         sliced, _ = slice_unet(unet, space, v)  # on meta: no weights copied
         counted = count_macs(sliced, 96)
         assert abs(float(m(v)[0]) - counted) <= 0.005 * counted
+
+
+def test_weight_norm_baseline_meets_budget_and_keeps_strong_units(tiny_unet, space, macs):
+    from aptp.engine.baselines import unit_l1_norms, weight_norm_vector
+
+    unet = make_tiny_unet(seed=3)
+    seg = next(s for s in space.segments if s.kind == "resnet_channels" and s.module == "down_blocks.1.resnets.0")
+    with torch.no_grad():  # make group 2 of this layer by far the strongest
+        unet.get_submodule(seg.module).conv1.weight[2 * seg.unit_width : 3 * seg.unit_width] *= 50
+    norms = unit_l1_norms(unet, space)
+    assert norms[seg.offset + 2] == norms[seg.offset : seg.stop].max()
+    for budget in (0.5, 0.78):
+        v = weight_norm_vector(unet, space, macs, budget)
+        ratio = float(macs.ratio(v)[0])
+        assert budget - 0.05 <= ratio <= budget
+        assert v[space.depth_mask()].eq(1).all()  # width-only
+        assert v[seg.offset + 2] == 1
+        for s in space.segments:  # every layer keeps at least one unit
+            assert s.kind == "depth" or v[s.offset : s.stop].sum() >= 1

@@ -1,0 +1,63 @@
+"""Static pruning baselines in the same architecture space (for fair comparisons at equal MACs).
+
+Weight-norm pruning (Li et al., 2017, "Pruning Filters for Efficient ConvNets"): rank the width
+units by the L1 norm of the weights that produce them and remove the weakest until the analytic
+MACs reach the budget. Norms are compared relative to their layer's mean, so every layer is
+pruned by how weak a unit is *within* it (raw norms differ by orders of magnitude across
+layers); every layer keeps at least one unit; depth units are kept (width-only pruning).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aptp.engine.macs import MacsModel
+from aptp.engine.space import ArchSpace
+
+
+def unit_l1_norms(unet: nn.Module, space: ArchSpace) -> torch.Tensor:
+    """(D,) L1 norm of the weights producing each width unit (NaN at depth units)."""
+    norms = torch.full((space.size,), float("nan"), dtype=torch.float64)
+    for seg in space.segments:
+        if seg.kind == "depth":
+            continue
+        m = unet.get_submodule(seg.module)
+        w = seg.unit_width
+        if seg.kind == "resnet_channels":
+            rows = m.conv1.weight.detach().abs().flatten(1).sum(1)  # (C,) filter norms
+        elif seg.kind.endswith("heads"):
+            rows = sum(getattr(m, n).weight.detach().abs().sum(1) for n in ("to_q", "to_k", "to_v"))
+        else:
+            proj = m.net[0].proj.weight.detach().abs().sum(1)
+            inner = m.net[2].in_features
+            rows = proj[:inner] + proj[inner : 2 * inner] if proj.numel() == 2 * inner else proj
+        norms[seg.offset : seg.stop] = rows.double().view(seg.size, w).sum(1)
+    return norms
+
+
+def weight_norm_vector(unet: nn.Module, space: ArchSpace, macs: MacsModel, budget: float) -> torch.Tensor:
+    """A hard (D,) vector keeping the largest-norm units, with MACs ratio just under ``budget``."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    norms = unit_l1_norms(unet, space)
+    score = torch.full_like(norms, float("inf"))
+    for seg in space.segments:
+        if seg.kind == "depth":
+            continue
+        sl = slice(seg.offset, seg.stop)
+        rel = norms[sl] / norms[sl].mean().clamp_min(1e-12)
+        rel[rel.argmax()] = float("inf")  # every layer keeps its strongest unit
+        score[sl] = rel
+    v = torch.ones(space.size, dtype=torch.float64)
+    order = torch.argsort(score)
+    full = macs.full
+    # drop units weakest-first; MACs are linear in each unit, so track them incrementally
+    current = float(macs(v)[0])
+    w = macs.unit_macs.double()
+    for i in order.tolist():
+        if current / full <= budget or not torch.isfinite(score[i]):
+            break
+        v[i] = 0.0
+        current -= float(w[i])
+    return v.float()
