@@ -37,7 +37,7 @@ def classify(target: str) -> Target:
     p = Path(target).expanduser()
     if p.is_dir() and (p / "settings.yaml").is_file():
         return Target(target, "run", str(p))
-    if p.is_dir() and (p / "manifest.jsonl").is_file():
+    if p.is_dir() and ((p / "manifest.jsonl").is_file() or (p / "metadata.jsonl").is_file()):
         return Target(target, "images", str(p))
     from aptp.models.registry import resolve_model
 
@@ -127,13 +127,18 @@ def _generate_target(t: Target, settings: Settings, captions: list[str]) -> tupl
 
 
 def _read_images(t: Target, captions: list[str]) -> tuple[list[Image.Image], float | None, None]:
-    rows = [json.loads(line) for line in (Path(t.path) / "manifest.jsonl").read_text().splitlines() if line]
+    # `aptp generate`'s manifest.jsonl (prompt, file) or an imagefolder's metadata.jsonl (text, file_name)
+    folder = Path(t.path)
+    manifest = folder / "manifest.jsonl"
+    rows = [json.loads(line) for line in (manifest if manifest.is_file() else folder / "metadata.jsonl")
+            .read_text().splitlines() if line.strip()]
     by_prompt = {}
     for r in rows:
-        by_prompt.setdefault(r["prompt"], r)
+        prompt, file = r.get("prompt", r.get("text")), r.get("file", r.get("file_name"))
+        by_prompt.setdefault(prompt, {**r, "file": file})
     missing = [c for c in captions if c not in by_prompt]
     if missing:
-        raise AptpUserError(f"{t.path}: manifest.jsonl has no image for {len(missing)} evaluation captions "
+        raise AptpUserError(f"{t.path}: its manifest has no image for {len(missing)} evaluation captions "
                             f"(e.g. {missing[0]!r}); generate them with `aptp generate ... --prompts FILE`")
     chosen = [by_prompt[c] for c in captions]
     ratios = [r.get("macs_ratio") for r in chosen]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -144,12 +142,17 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     gen = cli("generate", str(run), "--prompts", "-", "--output", str(tmp_path / "gen"), "--steps", "2", "--quiet",
               input="\n".join(_validation_captions(run, 4)) + "\n")
     assert gen.exit_code == 0, gen.output
-    res = cli("eval", str(run), str(tiny_pipeline_dir), str(tmp_path / "gen"), "--limit", "4", "--steps", "2",
+    from aptp.data.shapes import export_image_folder
+
+    export_image_folder(tmp_path / "real", "validation", 4)  # an imagefolder (metadata.jsonl) target
+    res = cli("eval", str(run), str(tiny_pipeline_dir), str(tmp_path / "gen"), str(tmp_path / "real"),
+              "--limit", "4", "--steps", "2",
               "--output", str(tmp_path / "eval"), "--format", "json", "--quiet",
               "--set", f"eval.clip_model=domain-clip:{clip_dir}")
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
-    assert [r["kind"] for r in rows] == ["run", "model", "images"]
+    assert [r["kind"] for r in rows] == ["run", "model", "images", "images"]
+    assert rows[3]["fid"] < min(r["fid"] for r in rows[:3])  # real images (64 px) vs the 16 px reference
     for r in rows:
         assert r["n_images"] == 4 and r["fid"] >= 0 and 0 <= r["clip"] <= 100 and "cmmd" in r
         assert any(k in r for k in ("clip_easy", "clip_medium", "clip_hard", "clip_hardest"))
