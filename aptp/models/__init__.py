@@ -1,0 +1,1 @@
+"""Model registry, the embedded toy model and shipped configs/weights."""
