@@ -164,7 +164,7 @@ class PruneSettings(_Section):
         100, ge=0, description="Router warm-up steps before codes are used (paper: 500, see recipes/)."
     )
     steps: int = Field(400, ge=0, description="Pruning steps after warm-up, with codes (paper: 2500).")
-    lr: float = Field(2e-4, ge=0, description="Learning rate.")
+    lr: float = Field(1e-2, ge=0, description="Learning rate (embedded default; paper: 2e-4 for SD 2.1, see recipes/).")
     lr_warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps (paper: 100).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(64, ge=1, description="Batch size per process.")
