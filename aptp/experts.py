@@ -23,7 +23,7 @@ def _params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def materialize(run: RunDir, *, overwrite: bool = False, teacher=None) -> list[dict[str, Any]]:
+def materialize(run: RunDir, *, overwrite: bool = False, teacher=None, align: int = 1) -> list[dict[str, Any]]:
     """Binarise each code, slice the teacher's *loaded* weights into ``experts/expert-K/`` and
     write ``experts.json``.
 
@@ -31,6 +31,9 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None) -> list[d
         run: the run directory of a finished ``aptp prune``.
         overwrite: replace existing experts (otherwise existing ones are an error).
         teacher: an already loaded :class:`~aptp.train.teacher.Teacher` (tests); loaded otherwise.
+        align: round every layer's kept channels to a multiple of ``align`` without exceeding the
+            code's MACs (:func:`aptp.engine.align.align_vector`, units ranked by the code's
+            logits); 1 keeps the codes as they are.
 
     Returns:
         The per-expert records (also in ``experts.json``).
@@ -49,6 +52,12 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None) -> list[d
     macs = build_macs_model(teacher.unet, space, latent, text_len=teacher.text_len)
     full_params = _params(teacher.unet)
     hard = router.hard_codes()  # (N, D) binary, no noise
+    if align > 1:
+        from aptp.engine.align import align_vector
+
+        logits = router.codes.logits.detach().double()
+        hard = torch.stack([align_vector(space, hard[k], macs, align, scores=logits[k])
+                            for k in range(router.num_codes)]).to(hard.dtype)
     # share of the training prompts routed to each expert (inference routing)
     from aptp.data import build_dataset
 
@@ -73,6 +82,7 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None) -> list[d
     atomic_write_json(run.experts_json, {
         "base_model": s.model.name, "resolution": s.data.resolution, "full_macs": macs.full,
         "full_params": full_params, "encoder": router.encoder_name, "num_experts": router.num_codes,
+        "align": align,
         "experts": records,
     })
     return records

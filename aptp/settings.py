@@ -142,6 +142,9 @@ class RouterSettings(_Section):
     sinkhorn_epsilon: float = Field(0.05, gt=0, description="Entropic regularisation of Sinkhorn OT.")
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn iterations per batch.")
     contrastive_temperature: float = Field(0.03, gt=0, description="Temperature of the contrastive loss.")
+    assignment_temperature: float = Field(
+        0.1, gt=0, description="Softmax temperature of the assignment-consistency loss (not in the paper; SwAV's 0.1)."
+    )
     embedding_cache: UserPath | None = Field(
         None, description="Directory caching prompt embeddings per encoder; None = ~/.cache/aptp/embeddings."
     )
@@ -172,6 +175,11 @@ class PruneSettings(_Section):
     lambda_distill: float = Field(0.2, ge=0, description="Weight of the distillation loss.")
     lambda_res: float = Field(2.0, ge=0, description="Weight of the resource (MACs) loss.")
     lambda_cont: float = Field(100.0, ge=0, description="Weight of the contrastive loss.")
+    lambda_assign: float = Field(
+        1.0, ge=0,
+        description="Weight of the assignment-consistency loss that makes inference routing (nearest code) "
+        "follow the training assignment (optimal transport); not in the paper, 0 = the paper's objective.",
+    )
     checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every this many steps.")
     keep_checkpoints: int = Field(3, ge=0, description="Keep this many most recent checkpoints.")
     log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -57,6 +58,20 @@ def vector_at_budget(space: ArchSpace, macs: MacsModel, budget: float, drop_dept
             break
         v[i] = 0
     return v.float()
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_common_args(ap: argparse.ArgumentParser, *, latent: int, reps: int, batch: int) -> None:
+    """The options every timing script takes: shape, repetitions, device, precision, output."""
+    ap.add_argument("--latent", type=int, default=latent, help="latent height = width")
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--reps", type=int, default=reps, help="timed repetitions (median reported)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--tiny", action="store_true", help="tiny config: a dry run of the script")
+    ap.add_argument("--json", default=None, help="write the results with the machine description here")
 
 
 def interleaved(fns: dict[str, Callable[[], None]], reps: int = 5, warmup: int = 1) -> dict[str, float]:

@@ -4,21 +4,26 @@
     python bench/expert_speed.py --device cuda --dtype fp16 --latent 96
     python bench/expert_speed.py --tiny --reps 2       # dry run on a tiny config
 
-Full and experts are timed interleaved in one process (medians of --reps); the table puts each
-expert's latency ratio next to its MACs ratio.
+Per budget, the full model and that budget's experts (the paper-like pattern, the variant with
+dropped depth units, and the hardware-aligned variant of each ``--align`` multiple) are timed
+interleaved in one process (medians of ``--reps``); the table puts each expert's latency ratio
+next to its MACs ratio. One budget's models are in memory at a time (SD 2.1 in fp32 is 3.5 GB a
+copy), so the script fits a 24 GiB machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, machine, sd21_unet, vector_at_budget, write_json  # noqa: E402
+from common import DTYPES, add_common_args, interleaved, machine, sd21_unet, vector_at_budget, write_json  # noqa: E402
 
+from aptp.engine.align import align_vector, aligned_fraction  # noqa: E402
 from aptp.engine.macs import build_macs_model  # noqa: E402
 from aptp.engine.slicing import slice_unet  # noqa: E402
 from aptp.engine.space import build_space  # noqa: E402
@@ -28,15 +33,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="0.5,0.66,0.78,0.85")
     ap.add_argument("--drop-depth", type=int, default=4, help="depth units dropped in the depth variant")
-    ap.add_argument("--latent", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--align", default="8", help="comma-separated channel multiples for aligned variants ('' = none)")
+    add_common_args(ap, latent=64, reps=3, batch=1)
     a = ap.parse_args()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    dtype = DTYPES[a.dtype]
     unet = sd21_unet(a.device, dtype, tiny=a.tiny)
     space = build_space(unet)
     macs = build_macs_model(unet, space, a.latent)
@@ -44,14 +44,7 @@ def main() -> None:
     x = torch.randn(a.batch, cfg.in_channels, a.latent, a.latent, device=a.device, dtype=dtype)
     t = torch.full((a.batch,), 500, device=a.device)
     c = torch.randn(a.batch, 77, cfg.cross_attention_dim, device=a.device, dtype=dtype)
-    models = {"full": unet}
-    ratios = {"full": 1.0}
-    for b in [float(v) for v in a.budgets.split(",")]:
-        for depth in (0, a.drop_depth):
-            v = vector_at_budget(space, macs, b, drop_depth=depth)
-            name = f"{b:.2f}" + (f"-depth{depth}" if depth else "")
-            models[name], _ = slice_unet(unet, space, v)
-            ratios[name] = float(macs.ratio(v)[0])
+    aligns = [int(m) for m in a.align.split(",") if m.strip()]
 
     def runner(m):
         def f():
@@ -59,13 +52,32 @@ def main() -> None:
                 m(x, t, c)
         return f
 
-    med = interleaved({k: runner(m) for k, m in models.items()}, reps=a.reps)
-    rows = [{"model": k, "macs_ratio": ratios[k], "latency_s": med[k], "latency_ratio": med[k] / med["full"]}
-            for k in models]
-    print(f"{'model':<14}{'MACs ratio':>12}{'latency (s)':>14}{'latency ratio':>15}{'gap':>8}")
+    rows = []
+    for b in [float(v) for v in a.budgets.split(",")]:
+        vectors = {}
+        for depth in (0, a.drop_depth):
+            v = vector_at_budget(space, macs, b, drop_depth=depth)
+            vectors[f"{b:.2f}" + (f"-depth{depth}" if depth else "")] = v
+            for m in aligns:
+                vectors[f"{b:.2f}" + (f"-depth{depth}" if depth else "") + f"-align{m}"] = align_vector(
+                    space, v, macs, m)
+        models = {"full": unet}
+        for name, v in vectors.items():
+            models[name], _ = slice_unet(unet, space, v)
+        med = interleaved({k: runner(m) for k, m in models.items()}, reps=a.reps)
+        for name in models:
+            v = vectors.get(name)
+            rows.append({
+                "budget": b, "model": name, "macs_ratio": 1.0 if v is None else float(macs.ratio(v)[0]),
+                "latency_s": med[name], "latency_ratio": med[name] / med["full"],
+                "aligned8": 1.0 if v is None else aligned_fraction(space, v, 8),
+            })
+        del models
+        gc.collect()
+    print(f"{'model':<22}{'MACs ratio':>11}{'latency (s)':>13}{'latency ratio':>15}{'gap':>8}{'aligned/8':>11}")
     for r in rows:
-        print(f"{r['model']:<14}{r['macs_ratio']:>12.3f}{r['latency_s']:>14.4f}{r['latency_ratio']:>15.3f}"
-              f"{r['latency_ratio'] - r['macs_ratio']:>+8.3f}")
+        print(f"{r['model']:<22}{r['macs_ratio']:>11.3f}{r['latency_s']:>13.4f}{r['latency_ratio']:>15.3f}"
+              f"{r['latency_ratio'] - r['macs_ratio']:>+8.3f}{r['aligned8']:>11.2f}")
     write_json(a.json, {"machine": machine(), "args": vars(a), "rows": rows})
 
 

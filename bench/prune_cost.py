@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, sd21_unet, write_json  # noqa: E402
+from common import DTYPES, add_common_args, machine, sd21_unet, write_json  # noqa: E402
 
 
 def child(a) -> None:
@@ -32,7 +32,7 @@ def child(a) -> None:
     from aptp.engine.space import build_space
     from aptp.train.distill import capture_blocks, distill_loss
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    dtype = DTYPES[a.dtype]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # imports only (CPU high-water mark)
     unet = sd21_unet(a.device, dtype, tiny=a.tiny)
     cfg = unet.config
@@ -79,13 +79,7 @@ def child(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--latent", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--json", default=None)
+    add_common_args(ap, latent=32, reps=3, batch=2)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:

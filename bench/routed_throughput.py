@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, machine, sd21_unet, vector_at_budget, write_json  # noqa: E402
+from common import DTYPES, add_common_args, interleaved, machine, sd21_unet, vector_at_budget, write_json  # noqa: E402
 
 from aptp.engine.macs import build_macs_model  # noqa: E402
 from aptp.engine.slicing import slice_unet  # noqa: E402
@@ -32,15 +32,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--budget", type=float, default=0.78)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--latent", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--json", default=None)
+    add_common_args(ap, latent=64, reps=3, batch=8)
     a = ap.parse_args()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    dtype = DTYPES[a.dtype]
     unet = sd21_unet(a.device, dtype, tiny=a.tiny)
     space = build_space(unet)
     macs = build_macs_model(unet, space, a.latent)

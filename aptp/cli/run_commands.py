@@ -39,6 +39,8 @@ class RouteFormat(str, Enum):
 def materialize(
     run_dir: RunArg,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing experts.")] = False,
+    align: Annotated[int, typer.Option("--align", min=1, help="Round kept channels of every layer to a multiple "
+                                       "of this (e.g. 8 or 64) within each expert's MACs; 1 = off.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Slice the teacher into one real, smaller U-Net per code (experts/expert-K) + experts.json."""
@@ -47,7 +49,7 @@ def materialize(
 
     setup_logging(quiet)
     run = RunDir(run_dir)
-    records = run_materialize(run, overwrite=overwrite)
+    records = run_materialize(run, overwrite=overwrite, align=align)
     t = Table(title=f"{len(records)} experts in {run.path / 'experts'}")
     for col in ("expert", "MACs ratio", "params", "share", "res grp", "self hd", "cross hd", "ffn grp", "depth"):
         t.add_column(col, justify="right")

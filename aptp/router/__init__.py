@@ -2,7 +2,7 @@
 
 Modules (each one noun): ``encoder`` (frozen sentence-transformer + embedding cache),
 ``predictor`` (z → e), ``codes`` (N expert logits, Gumbel-sigmoid), ``sinkhorn`` (balanced OT
-assignment), ``router`` (routing, save / load), ``losses`` (contrastive, resource, routed MACs),
+assignment), ``router`` (routing, save / load), ``losses`` (contrastive, assignment consistency, resource, routed MACs),
 ``collectives`` (all-reduce / all-gather for multi-process training).
 
 Importing this package is cheap: sentence-transformers loads only when a prompt is encoded.
@@ -12,6 +12,7 @@ from aptp.router.codes import ArchitectureCodes, gumbel_sigmoid, kmeanspp_indice
 from aptp.router.collectives import Collective, LocalCollective, TorchCollective, default_collective
 from aptp.router.encoder import DEFAULT_ENCODER, PromptEncoder, resolve_encoder
 from aptp.router.losses import (
+    assignment_loss,
     contrastive_loss,
     global_mean,
     resource_loss,
@@ -32,6 +33,7 @@ __all__ = [
     "PromptEncoder",
     "PromptRouter",
     "TorchCollective",
+    "assignment_loss",
     "contrastive_loss",
     "default_collective",
     "global_mean",

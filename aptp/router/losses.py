@@ -20,6 +20,7 @@ from aptp.router.sinkhorn import AllReduce
 
 __all__ = [
     "AllGather",
+    "assignment_loss",
     "contrastive_loss",
     "global_mean",
     "resource_loss",
@@ -92,6 +93,33 @@ def contrastive_loss(
     log_1m_s = torch.log(-torch.expm1(log_s))
     loss = -(r * log_s + (1 - r) * log_1m_s).mean()
     return loss.to(e_soft.dtype)
+
+
+def assignment_loss(cosines: torch.Tensor, target: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """Per-sample cross-entropy of ``softmax(cos(e, a)/τ)`` against the training assignment.
+
+    Not in the paper. During pruning a prompt's code is chosen by Sinkhorn over the batch
+    (Eq. 20), at inference by the nearest code (Eq. 22); nothing in Eq. 15 makes the two agree,
+    so the codes a prompt trained with need not be the ones it is routed to afterwards. This
+    term (SwAV's swapped-prediction loss, Caron et al. 2020, with the hard OT assignment as the
+    target) pulls each embedding towards its assigned code and the code towards its
+    embeddings, so inference routing inherits the balance optimal transport gave the training.
+    Weight ``prune.lambda_assign``; 0 gives the paper's objective.
+
+    Args:
+        cosines: (B, N) differentiable cosine similarities of embeddings to codes.
+        target: (B,) assigned code index of each sample.
+        tau: softmax temperature (SwAV: 0.1).
+
+    Returns:
+        (B,) losses; average them with :func:`global_mean` over the global batch.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if cosines.ndim != 2 or target.shape != cosines.shape[:1]:
+        raise ValueError(f"cosines must be (B, N) and target (B,), got {tuple(cosines.shape)} and {tuple(target.shape)}")
+    logp = torch.log_softmax(cosines.to(torch.float64) / tau, dim=1)
+    return -logp.gather(1, target.long().view(-1, 1).to(logp.device)).squeeze(1).to(cosines.dtype)
 
 
 def resource_loss(macs_ratio: torch.Tensor, budget: float | torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,13 @@ class PromptRouter(nn.Module):
         fa = F.normalize(self.features(self.codes.logits.detach().to(torch.float64)), dim=-1)
         return fe @ fa.T
 
+    def cosines(self, e: torch.Tensor) -> torch.Tensor:
+        """(B, N) the cosines of :meth:`similarity`, differentiable in ``e`` and in the codes
+        (the input of the assignment-consistency loss)."""
+        fe = F.normalize(self.features(e), dim=-1)
+        fa = F.normalize(self.features(self.codes.logits.to(e.dtype)), dim=-1)
+        return fe @ fa.T
+
     # ------------------------------------------------------------------ routing
     @torch.no_grad()
     def assign_train(self, e: torch.Tensor, optimal_transport: bool = True, epsilon: float = 0.05,

@@ -9,7 +9,9 @@ teacher (gates off). One optimisation step:
    — or, for the ablation, by nearest cosine — and the code's Gumbel-sigmoid vector gates it;
 3. loss = routed DDPM loss (code-balanced mean, Eq. 15) + λ_distill·(output + block distillation
    against the same U-Net with gates open) + λ_res·R(mean routed MACs ratio, budget) (Eq. 26) +
-   λ_cont·L_cont(z, e′) (Eq. 13–14).
+   λ_cont·L_cont(z, e′) (Eq. 13–14) + λ_assign·L_assign (not in the paper: cross-entropy of
+   softmax(cos(e, a)/τ) against the OT assignment, so that inference routing by the nearest code
+   (Eq. 22) follows the balanced training assignment; ``prune.lambda_assign: 0`` turns it off).
 
 Distributed runs (``accelerate launch`` / ``torchrun``) split each global batch across
 processes; Sinkhorn sums and the contrastive batch are global, every loss is the process's share
@@ -42,7 +44,7 @@ from aptp.io import atomic_write_json, atomic_write_text, prepare_output_dir
 from aptp.router.codes import logistic_noise
 from aptp.router.collectives import Collective, default_collective
 from aptp.router.encoder import PromptEncoder
-from aptp.router.losses import contrastive_loss, global_mean, resource_loss
+from aptp.router.losses import assignment_loss, contrastive_loss, global_mean, resource_loss
 from aptp.router.router import PromptRouter, save_router
 from aptp.settings import Settings, write_settings
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
@@ -177,6 +179,11 @@ class Pruner:
                                               iterations=s.router.sinkhorn_iterations,
                                               all_reduce=self.comm.all_reduce)
             vectors = code_gates[assign]
+        l_assign = None
+        if assign is not None and not self.uni and p.lambda_assign > 0:
+            cos = self.router.cosines(e)  # (B, N), differentiable in e and the codes
+            l_assign = global_mean(assignment_loss(cos, assign, s.router.assignment_temperature),
+                                   self.comm.all_reduce)
 
         with self._autocast(), self.gates.apply(vectors), capture_blocks(t.unet) as student_blocks:
             student = t.unet(x_t, timesteps, text).sample
@@ -210,17 +217,22 @@ class Pruner:
                                       all_gather=self.comm.all_gather, rank=rank).to(l_res.dtype)
         # l_res and l_cont hold the global value but only this process's part of the gradient;
         # the router's gradients are SUM-reduced across processes (``_sync_grads``).
-        loss = local_task + p.lambda_res * l_res + p.lambda_cont * l_cont
+        if l_assign is None:
+            l_assign = torch.zeros((), dtype=l_res.dtype)
+        l_assign = l_assign.to(l_res.dtype)
+        loss = local_task + p.lambda_res * l_res + p.lambda_cont * l_cont + p.lambda_assign * l_assign
 
         stats = torch.stack([l_ddpm.sum(), l_out.sum(), l_block.sum(), torch.tensor(float(len(l_ddpm)))]).detach()
         tot = self.comm.all_reduce(stats.double())
         n = tot[3]
         record = {
             "loss": float(self.comm.all_reduce(local_task.detach().double().reshape(1))[0]
-                          + p.lambda_res * l_res.detach() + p.lambda_cont * l_cont.detach()),
+                          + p.lambda_res * l_res.detach() + p.lambda_cont * l_cont.detach()
+                          + p.lambda_assign * l_assign.detach()),
             "loss_ddpm": float(tot[0] / n), "loss_distill_output": float(tot[1] / n),
             "loss_distill_block": float(tot[2] / n), "loss_resource": float(l_res.detach()),
-            "loss_contrastive": float(l_cont.detach()), "macs_ratio": float(mean_ratio.detach()),
+            "loss_contrastive": float(l_cont.detach()), "loss_assign": float(l_assign.detach()),
+            "macs_ratio": float(mean_ratio.detach()),
             "phase": "warmup" if warmup else ("uni-arch" if self.uni else "codes"),
         }
         global_assign = None

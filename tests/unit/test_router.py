@@ -18,6 +18,7 @@ from aptp.router import (
     PromptEncoder,
     TorchCollective,
     PromptRouter,
+    assignment_loss,
     contrastive_loss,
     global_mean,
     gumbel_sigmoid,
@@ -286,6 +287,40 @@ def test_assign_train_ot_balances_and_nearest_does_not():
     # 3 iterations balance approximately (more iterations: exactly B/N each)
     assert torch.bincount(ot, minlength=8).max() <= 24 and len(ot.unique()) == 8
     assert ot.dtype == torch.long and ot.shape == (64,)
+
+
+def test_assignment_loss_known_value_and_bad_input():
+    cos = torch.tensor([[0.5, 0.1, -0.2], [0.0, 0.3, 0.3]])
+    target = torch.tensor([0, 2])
+    expected = -torch.log_softmax(cos.double() / 0.1, dim=1)[[0, 1], [0, 2]]
+    assert torch.allclose(assignment_loss(cos, target, 0.1).double(), expected)
+    with pytest.raises(ValueError):
+        assignment_loss(cos, target, 0.0)
+    with pytest.raises(ValueError):
+        assignment_loss(cos, torch.tensor([0]), 0.1)
+
+
+def test_assignment_loss_makes_inference_routing_follow_ot():
+    """Training on the OT targets moves nearest-code routing from a collapse to the OT balance."""
+    router = trained_like_router()
+    z = unit_rows(256, 24, 14)
+    with torch.no_grad():  # every embedding is nearest to code 0: inference routing collapses
+        e = router.embed(z)
+        centroid = e.mean(dim=0)
+        router.codes.logits.copy_(-centroid + 0.5 * torch.randn(8, 60, generator=gen(6)))
+        router.codes.logits[0] = centroid
+    before = torch.bincount(router.route(z)[0], minlength=8)
+    assert before.max() >= 200
+    opt = torch.optim.Adam(router.parameters(), lr=3e-2)
+    for _ in range(150):
+        e = router.embed(z)
+        target = router.assign_train(e, optimal_transport=True, iterations=10)
+        loss = assignment_loss(router.cosines(e), target, 0.1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = torch.bincount(router.route(z)[0], minlength=8)
+    assert after.min() >= 0.5 * 256 / 8, after.tolist()
 
 
 def test_assign_train_split_batch_equals_full():
