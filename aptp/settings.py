@@ -175,6 +175,12 @@ class PruneSettings(_Section):
     lambda_distill: float = Field(0.2, ge=0, description="Weight of the distillation loss.")
     lambda_res: float = Field(2.0, ge=0, description="Weight of the resource (MACs) loss.")
     lambda_cont: float = Field(100.0, ge=0, description="Weight of the contrastive loss.")
+    resource_on: Literal["hard", "relaxed"] = Field(
+        "hard",
+        description="MACs the resource loss constrains: 'hard' = the noise-free binary architectures "
+        "(1[logit >= 0], straight-through) that materialize slices, so the experts meet the budget; "
+        "'relaxed' = the sampled Gumbel-sigmoid gates, whose expected MACs sit below the hard ones.",
+    )
     lambda_assign: float = Field(
         1.0, ge=0,
         description="Weight of the assignment-consistency loss that makes inference routing (nearest code) "

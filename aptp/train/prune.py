@@ -207,7 +207,17 @@ class Pruner:
             weights = (1.0 / (active * counts[assign.cpu()])).to(per_sample)
         local_task = (per_sample * weights).sum()
 
-        ratios = self.macs.ratio(vectors)  # (B,), differentiable in the gates
+        if p.resource_on == "hard":
+            # the MACs of the noise-free binary architectures that materialize will slice
+            # (straight-through: the gradient of sigmoid(logit/γ)); see PruneSettings.resource_on
+            if self.uni or not warmup:
+                hard = self.router.code_vectors(hard=True, training=False)
+                measured = hard[0].expand(z.shape[0], -1) if self.uni else hard[assign]
+            else:
+                measured = self.router.soft_vectors(e, hard=True, training=False)
+        else:
+            measured = vectors
+        ratios = self.macs.ratio(measured)  # (B,), differentiable in the gates
         mean_ratio = global_mean(ratios, self.comm.all_reduce)
         l_res = resource_loss(mean_ratio, self.budget)
         if self.uni:
