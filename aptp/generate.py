@@ -72,8 +72,12 @@ class ExpertPipeline:
 
     @torch.no_grad()
     def render(self, jobs: list[Job], g: GenerateSettings, height: int, width: int,
-               on_batch: Callable[[int], None] | None = None) -> dict[int, Any]:
-        """Images (PIL) of ``jobs``, keyed by job index; grouped per expert, batched."""
+               on_batch: Callable[[int], None] | None = None,
+               on_images: Callable[[list[Job], list[Any]], None] | None = None) -> dict[int, Any]:
+        """Images (PIL) of ``jobs``, keyed by job index; grouped per expert, batched.
+
+        ``on_images(batch_jobs, images)`` is called as soon as each batch is done (to write it
+        out), then ``on_batch(len(batch))`` (progress)."""
         pipe = self.pipe
         pipe.scheduler = make_scheduler(pipe, g.scheduler)
         groups: dict[int | None, list[Job]] = {}
@@ -91,6 +95,8 @@ class ExpertPipeline:
                            guidance_scale=g.guidance, latents=latents.to(pipe.device, pipe.unet.dtype))
                 for j, img in zip(batch, out.images):
                     images[j.index] = img
+                if on_images is not None:
+                    on_images(batch, list(out.images))
                 if on_batch is not None:
                     on_batch(len(batch))
         pipe.unet = self.teacher_unet
@@ -111,9 +117,15 @@ def plan_jobs(run: RunDir | None, prompts: list[str], seed: int, expert: int | N
 def generate(run: RunDir, prompts: list[str], out_dir: Path, g: GenerateSettings, *, expert: int | None = None,
              full: bool = False, weights: str = "auto", pipe=None,
              on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """Generate one image per prompt into ``out_dir`` with ``manifest.jsonl`` in input order."""
+    """Generate one image per prompt into ``out_dir`` with ``manifest.jsonl`` in input order.
+
+    Each batch's PNGs and manifest lines are written as soon as the batch is done (lines in
+    completion order while running); when every prompt is done the manifest is rewritten in
+    input order. An interrupted run keeps every finished image and its line.
+    """
     import io
     import json
+    import os
 
     from aptp.errors import AptpUserError
     from aptp.train.teacher import load_teacher
@@ -129,21 +141,37 @@ def generate(run: RunDir, prompts: list[str], out_dir: Path, g: GenerateSettings
     width = g.width or s.data.resolution
     jobs = plan_jobs(run, prompts, g.seed, expert, full)
     ep = ExpertPipeline(run, pipe, weights=weights)
-    t0 = time.time()
-    images = ep.render(jobs, g, height, width, on_batch=on_batch)
-    seconds = time.time() - t0
-    out_dir.mkdir(parents=True, exist_ok=True)
     ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()} if run.experts_json.is_file() else {}
-    manifest = []
-    for j in jobs:
-        name = f"{j.index:05d}.png"
-        buf = io.BytesIO()
-        images[j.index].save(buf, format="PNG")
-        atomic_write_bytes(out_dir / name, buf.getvalue())
-        manifest.append({"index": j.index, "prompt": j.prompt, "expert": "full" if j.expert is None else j.expert,
-                         "macs_ratio": 1.0 if j.expert is None else ratios.get(j.expert), "seed": j.seed,
-                         "file": name, "height": height, "width": width, "steps": g.steps,
-                         "guidance": g.guidance, "scheduler": g.scheduler})
-    atomic_write_text(out_dir / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.jsonl"
+    atomic_write_text(manifest_path, "")  # a fresh manifest (the folder was checked by the caller)
+    records: dict[int, dict[str, Any]] = {}
+
+    def record(j: Job) -> dict[str, Any]:
+        return {"index": j.index, "prompt": j.prompt, "expert": "full" if j.expert is None else j.expert,
+                "macs_ratio": 1.0 if j.expert is None else ratios.get(j.expert), "seed": j.seed,
+                "file": f"{j.index:05d}.png", "height": height, "width": width, "steps": g.steps,
+                "guidance": g.guidance, "scheduler": g.scheduler}
+
+    def write_batch(batch: list[Job], imgs: list[Any]) -> None:
+        # each finished batch is on disk at once: PNGs first, then their manifest lines, so an
+        # interrupted run keeps every finished image and a line for each
+        for j, img in zip(batch, imgs):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            atomic_write_bytes(out_dir / f"{j.index:05d}.png", buf.getvalue())
+        with open(manifest_path, "a") as fh:
+            for j in batch:
+                records[j.index] = record(j)
+                fh.write(json.dumps(records[j.index]) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    t0 = time.time()
+    ep.render(jobs, g, height, width, on_batch=on_batch, on_images=write_batch)
+    seconds = time.time() - t0
+    manifest = [records[j.index] for j in jobs]
+    # complete: rewrite the manifest in input order
+    atomic_write_text(manifest_path, "".join(json.dumps(m) + "\n" for m in manifest))
     logger.info("%d images in %.1f s", len(jobs), seconds)
     return manifest

@@ -1,4 +1,5 @@
-"""PNG figures of the experts: block-level retained MACs, prompt shares, tier mix, sample grid.
+"""PNG figures of the experts: block-level retained MACs, prompt shares, tier mix, sample grid,
+and the pruning run's training curves.
 
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` with the Agg canvas, never through
 ``pyplot``: no global figure state, no display needed, safe in worker threads. Every function
@@ -204,6 +205,42 @@ def sample_grid(images_per_expert: Mapping[int, Sequence], path: str | Path,
                         transform=ax.transAxes)
         if k is not None:
             axes[i, 0].set_ylabel(_label(k, labels), fontsize=8)
+    return _save(fig, path)
+
+
+TRAINING_PANELS = (
+    ("loss", "total loss"), ("loss_ddpm", "DDPM"), ("loss_distill_output", "distill (output)"),
+    ("loss_distill_block", "distill (blocks)"), ("loss_resource", "resource"),
+    ("loss_contrastive", "contrastive"), ("loss_assign", "assignment consistency"),
+    ("macs_ratio", "routed MACs ratio"), ("busiest_share", "busiest expert's share"),
+)
+
+
+def plot_training_curves(metrics: pd.DataFrame, path: str | Path, budget: float | None = None,
+                         warmup_steps: int | None = None, title: str | None = None) -> Path:
+    """One panel per logged quantity of ``metrics.jsonl`` (rows = logged steps), against step.
+
+    Panels whose column is absent or all-missing are left out; the budget is drawn on the MACs
+    panel and the end of the warm-up as a dotted line on every panel.
+    """
+    panels = [(c, t) for c, t in TRAINING_PANELS if c in metrics and metrics[c].notna().any()]
+    if not panels or "step" not in metrics:
+        raise ValueError("metrics have no step column or no known quantity to plot")
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig = _figure(4.0 * cols, 2.6 * rows)
+    for i, (col, name) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.plot(metrics["step"], metrics[col], color="#1f4e8c", linewidth=1.2)
+        if col == "macs_ratio" and budget is not None:
+            ax.axhline(budget, color="#c0392b", linestyle="--", linewidth=1, label=f"budget {budget:g}")
+            ax.legend(loc="upper right", fontsize=8)
+        if warmup_steps:
+            ax.axvline(warmup_steps, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(title or "Pruning: training curves (dotted: end of warm-up)", fontsize=11)
     return _save(fig, path)
 
 

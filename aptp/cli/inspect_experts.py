@@ -12,7 +12,8 @@ from rich.table import Table
 from aptp.cli.common import command, err, out, setup_logging
 from aptp.errors import AptpUserError
 
-PLOT_FILES = {"blocks": "block_macs.png", "shares": "shares.png", "tiers": "tier_mix.png", "samples": "samples.png"}
+PLOT_FILES = {"blocks": "block_macs.png", "shares": "shares.png", "tiers": "tier_mix.png", "samples": "samples.png",
+              "training": "training.png"}
 
 
 class Format(str, Enum):
@@ -37,11 +38,13 @@ class Sort(str, Enum):
     expert = "expert"
 
 
-def planned_plots(plots: Path, shapes: bool, samples: int) -> list[Path]:
+def planned_plots(plots: Path, shapes: bool, samples: int, training: bool = False) -> list[Path]:
     """The PNGs ``--plots`` will write, in writing order."""
     names = [PLOT_FILES["blocks"], PLOT_FILES["shares"]]
     if shapes:
         names.append(PLOT_FILES["tiers"])
+    if training:
+        names.append(PLOT_FILES["training"])
     if samples > 0:
         names.append(PLOT_FILES["samples"])
     return [plots / n for n in names]
@@ -105,7 +108,9 @@ def inspect_experts(
         raise AptpUserError(f"--weights {weights}: expected auto, finetuned or initial")
     run = RunDir(run_dir)
     shapes = run.settings.data.name == "shapes"
-    files = planned_plots(plots, shapes, samples) if plots is not None else []
+    metrics = run.path / "metrics.jsonl"
+    has_curves = metrics.is_file() and metrics.stat().st_size > 0
+    files = planned_plots(plots, shapes, samples, training=has_curves) if plots is not None else []
     if plots is not None:
         check_plot_dir(plots, files, overwrite)
     report = build_report(run, split=split.value, top_k=top_k, limit=limit, extra_stop_words=stop_word or (),
@@ -140,6 +145,13 @@ def write_plots(report, plots: Path, files: list[Path], samples: int, steps: int
                   title=f"Share of {len(report.prompts)} {report.split} prompts per expert")
     if PLOT_FILES["tiers"] in by_name and report.tiers is not None:
         P.plot_tier_mix(report.tiers, by_name[PLOT_FILES["tiers"]], labels=labels)
+    if PLOT_FILES["training"] in by_name:
+        import pandas as pd
+
+        s = report.run.settings
+        P.plot_training_curves(pd.read_json(report.run.path / "metrics.jsonl", lines=True),
+                               by_name[PLOT_FILES["training"]], budget=s.prune.budget,
+                               warmup_steps=s.prune.warmup_steps if s.prune.method == "aptp" else None)
     if PLOT_FILES["samples"] in by_name:
         images, prompts = render_samples(report, samples, steps=steps, weights=weights)
         P.sample_grid(images, by_name[PLOT_FILES["samples"]], labels=labels, captions=prompts,

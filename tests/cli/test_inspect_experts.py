@@ -96,7 +96,7 @@ def test_plots_are_written_and_never_overwritten(run, tmp_path):
     res = cli("inspect-experts", str(run), "--format", "markdown", "--plots", str(plots), "--samples", "1",
               "--steps", "1", "--weights", "initial", "-q")
     assert res.exit_code == 0, res.output
-    names = ["block_macs.png", "samples.png", "shares.png", "tier_mix.png"]
+    names = ["block_macs.png", "samples.png", "shares.png", "tier_mix.png", "training.png"]
     assert sorted(p.name for p in plots.iterdir()) == names
     for n in names:
         with Image.open(plots / n) as im:

@@ -133,6 +133,29 @@ def test_generate_mixed_batch_equals_alone(run, tmp_path):
     assert cli("generate", str(run), prompts[0], "--output", str(tmp_path / "mix"), "--quiet").exit_code == 2
 
 
+def test_interrupted_generate_keeps_finished_images_and_lines(run, tmp_path):
+    from aptp.generate import generate
+    from aptp.rundir import RunDir
+    from aptp.settings import GenerateSettings
+
+    prompts = [f"a red circle number {i}" for i in range(6)]
+    calls = {"n": 0}
+
+    def stop_after_first_batch(n: int) -> None:  # as if Ctrl-C arrived after batch 1
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        generate(RunDir(run), prompts, out, GenerateSettings(steps=2, guidance=3, batch_size=2),
+                 expert=0, weights="initial", on_batch=stop_after_first_batch)
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert calls["n"] == 1 and [m["index"] for m in lines] == [0, 1]
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png"]
+    for m in lines:
+        Image.open(out / m["file"]).verify()
+
+
 def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     """`aptp eval` on the mixture, the teacher and a folder of generated images, one table."""
     from aptp.models.toy import build_domain_clip, save_domain_clip
