@@ -153,6 +153,7 @@ def finetune(
 
     try:
         results = run_finetune(run, s, ks, overwrite=overwrite, resume=resume, progress_factory=factory,
+                               skip_empty=expert.strip() == "all",
                                log=(lambda rec: err.file.write(json.dumps({"event": "finetune", **rec}) + "\n"))
                                if log_format is LogFormat.json else None)
     finally:
@@ -163,6 +164,10 @@ def finetune(
             err.print(f"expert {r.expert}: interrupted at step {r.step}; continue with "
                       f"aptp finetune {run.path} --expert {r.expert} --resume", markup=False)
             raise typer.Exit(130)
+        if r.path is None:
+            out.print(f"expert {r.expert}: skipped, no training sample is routed to it (keeps the teacher's "
+                      "kept weights)", markup=False)
+            continue
         out.print(f"expert {r.expert}: {r.step} steps on {r.samples} routed samples -> {r.path}", markup=False)
 
 

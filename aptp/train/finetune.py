@@ -220,14 +220,24 @@ class ExpertTrainer:
 
 
 def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: bool = False, resume: bool = False,
-             progress_factory: Callable[[int], Callable] | None = None, log=None) -> list[FinetuneResult]:
-    """Fine-tune the listed experts one after another (a job array runs one per job)."""
+             progress_factory: Callable[[int], Callable] | None = None, log=None,
+             skip_empty: bool = False) -> list[FinetuneResult]:
+    """Fine-tune the listed experts one after another (a job array runs one per job).
+
+    ``skip_empty``: an expert that no training sample is routed to is skipped (result with
+    ``path=None`` and 0 samples; it keeps its materialized weights) instead of being an error —
+    what ``--expert all`` does, since a collapsed router can leave experts without prompts.
+    """
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision=settings.finetune.mixed_precision)
     results = []
     teacher = load_teacher(settings.model, device=acc.device)
     for k in experts:
+        if skip_empty and not routed_indices(run, k, acc.is_main_process, acc.wait_for_everyone):
+            logger.warning("expert %d: no training sample is routed to it; skipped", k)
+            results.append(FinetuneResult(k, 0, False, None, 0))
+            continue
         work = run.path / "finetune" / f"expert-{k}"
         final = run.path / FINETUNED_DIR / f"expert-{k}"
         if acc.is_main_process:

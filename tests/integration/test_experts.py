@@ -133,6 +133,27 @@ def test_generate_mixed_batch_equals_alone(run, tmp_path):
     assert cli("generate", str(run), prompts[0], "--output", str(tmp_path / "mix"), "--quiet").exit_code == 2
 
 
+def test_finetune_all_skips_experts_without_prompts(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("finetune", "finetuned"))
+    assert cli("route", str(copy), "--data", "--overwrite").exit_code == 0
+    routes = copy / "routes" / "train"
+    empty = json.loads((routes / "expert-1.json").read_text())
+    empty["indices"] = []
+    (routes / "expert-1.json").write_text(json.dumps(empty))  # as if the router sent nothing there
+    n = len(json.loads((copy / "experts.json").read_text())["experts"])
+    res = cli("finetune", str(copy), "--steps", "1", "--batch-size", "2", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "expert 1: skipped" in res.stdout
+    done = sorted(p.name for p in (copy / "finetuned").iterdir())
+    with_prompts = [k for k in range(n) if json.loads((routes / f"expert-{k}.json").read_text())["indices"]]
+    assert 1 not in with_prompts and done == [f"expert-{k}" for k in with_prompts]
+    # naming the empty expert explicitly is still an error
+    assert cli("finetune", str(copy), "--expert", "1", "--steps", "1", "--quiet").exit_code == 2
+
+
 def test_interrupted_generate_keeps_finished_images_and_lines(run, tmp_path):
     from aptp.generate import generate
     from aptp.rundir import RunDir
