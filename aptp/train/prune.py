@@ -84,8 +84,13 @@ class Pruner:
         self.log = log or (lambda rec: None)
         self.uni = self.p.method in ("uni-arch", "weight-norm")  # one architecture for every prompt
         self.static = self.p.method == "weight-norm"
-        if self.p.budget <= 0 or self.p.budget > 1:
-            raise SettingsError(f"prune.budget {self.p.budget}: must be in (0, 1]")
+        global_batch = self.p.batch_size * self.comm.world_size
+        if self.p.method == "aptp" and settings.router.num_experts > global_batch:
+            raise SettingsError(
+                f"--experts {settings.router.num_experts}: more experts than prompts in a batch "
+                f"({self.p.batch_size} x {self.comm.world_size} processes = {global_batch}); optimal transport "
+                "balances each batch over the experts, so use --batch-size >= the number of experts"
+            )
 
         self.dataset = build_dataset(settings.data, seed=settings.seed)
         self.teacher = teacher or load_teacher(settings.model, device=self.device)
