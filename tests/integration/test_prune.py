@@ -133,9 +133,10 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_pipeline_dir, emb_cache
 
 
 def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, emb_cache, tmp_path):
-    """torchrun with 2 gloo processes × batch 4 ≡ 1 process × batch 8 (same global batch and seed).
-    (`accelerate launch --cpu --num_processes 2` starts a single process on this CPU; torchrun is
-    the launcher accelerate wraps.)"""
+    """`accelerate launch` with 2 gloo processes × batch 4 ≡ 1 process × batch 8 (same global batch
+    and seed). On a machine without GPUs accelerate's multi-process launcher (`--multi_gpu`, which
+    runs torchrun) falls back to gloo on the CPU; its `--cpu` flag alone starts one process unless
+    MPI is installed (`--mpirun_hostfile`)."""
     # Gradients agree to float rounding (~1e-8); Adam turns rounding noise on near-zero gradients
     # into updates of up to ~lr/2, so this compares at the paper's lr with tolerances of that size.
     base = common(tiny_pipeline_dir, emb_cache, steps=3)
@@ -144,7 +145,9 @@ def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, emb_cach
     assert one.wait(timeout=300) == 0, one.communicate()[0]
     i = base.index("--batch-size")
     two_args = base[:i] + ["--batch-size", "4"] + base[i + 2 :]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29531"]
     two = _subprocess(two_args + ["--output", str(tmp_path / "two"), "--quiet"], launcher=launcher)
     out = two.communicate(timeout=300)[0]
     assert two.returncode == 0, out
