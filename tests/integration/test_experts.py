@@ -177,6 +177,30 @@ def test_interrupted_generate_keeps_finished_images_and_lines(run, tmp_path):
         Image.open(out / m["file"]).verify()
 
 
+def test_bad_input_is_one_line_and_exit_2(run, tmp_path):
+    import shutil
+
+    no_codes = tmp_path / "no-codes"
+    shutil.copytree(run, no_codes, ignore=shutil.ignore_patterns("finetune", "finetuned", "experts"))
+    (no_codes / "codes.safetensors").unlink()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cases = [
+        (("route", str(no_codes), "a red circle"), "codes.safetensors"),
+        (("materialize", str(no_codes)), "codes.safetensors"),
+        (("generate", str(no_codes), "a red circle", "--output", str(tmp_path / "g1")), "codes.safetensors"),
+        (("generate", str(run), "a red circle", "--expert", "9", "--output", str(tmp_path / "g2")), "--expert 9"),
+        (("generate", str(run), "--prompts", str(empty), "--output", str(tmp_path / "g3")), "no prompts"),
+        (("route", str(run), "--prompts", str(empty)), "no prompts"),
+        (("finetune", str(run), "--expert", "9"), "--expert 9"),
+    ]
+    for args, needle in cases:
+        res = cli(*args)
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, res.stderr)
+        assert lines[0].startswith("error:")
+
+
 def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     """`aptp eval` on the mixture, the teacher and a folder of generated images, one table."""
     from aptp.models.toy import build_domain_clip, save_domain_clip
