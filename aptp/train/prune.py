@@ -18,8 +18,11 @@ processes; Sinkhorn sums and the contrastive batch are global, every loss is the
 of the global loss, and gradients of the (tiny) router are SUM-all-reduced, so N processes with
 B/N samples each train exactly what one process with B samples trains.
 
-Method ``uni-arch`` (§4.3 baseline): one learned architecture for every prompt (a single code,
-no predictor, no routing, no contrastive loss).
+Method ``uni-arch`` (§4.3 baseline): one learned architecture for every prompt. It gets the same
+warm-up as ``aptp`` (the predictor's own vectors gate the model, without the contrastive loss,
+which only serves routing), then a single code starts at the mean predicted architecture and is
+trained alone (no routing). Without the warm-up a code starting at the keep-all logit 3 moves
+about ``lr`` per step and had not reached the budget after 400 steps (hard MACs 0.99).
 """
 
 from __future__ import annotations
@@ -117,16 +120,16 @@ class Pruner:
                                    temperature=settings.router.gumbel_temperature, encoder=self.encoder,
                                    generator=_gen(self.p.seed, 1))
         self.router.to(self.device)
-        params = [self.router.codes.logits] if self.uni else list(self.router.parameters())
+        params = list(self.router.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=self.p.lr, weight_decay=self.p.weight_decay)
         warm = max(1, self.p.lr_warmup_steps)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.step = 0
-        self.codes_ready = self.uni  # uni-arch trains its single code from the first step
+        self.codes_ready = self.static  # aptp and uni-arch start with the warm-up
         self.skipped = 0
         self.budget = self.p.budget
         self.global_batch = self.p.batch_size * self.comm.world_size
-        self.total_steps = 0 if self.static else (0 if self.uni else self.p.warmup_steps) + self.p.steps
+        self.total_steps = 0 if self.static else self.p.warmup_steps + self.p.steps
         if self.static:
             from aptp.engine.baselines import weight_norm_vector
 
@@ -173,11 +176,11 @@ class Pruner:
         warmup = not self.codes_ready
         e, code_gates = self.router(z, generator=g)  # code noise: one draw shared by all processes
         e_soft = torch.sigmoid((e + gumbel) / self.router.temperature)  # e′, Eq. 12
-        if self.uni:
+        if warmup:
+            vectors, assign = e_soft, None
+        elif self.uni:
             vectors = code_gates[0].expand(z.shape[0], -1)
             assign = torch.zeros(z.shape[0], dtype=torch.long)
-        elif warmup:
-            vectors, assign = e_soft, None
         else:
             assign = self.router.assign_train(e, optimal_transport=p.optimal_transport,
                                               epsilon=s.router.sinkhorn_epsilon,
@@ -215,7 +218,7 @@ class Pruner:
         if p.resource_on == "hard":
             # the MACs of the noise-free binary architectures that materialize will slice
             # (straight-through: the gradient of sigmoid(logit/γ)); see PruneSettings.resource_on
-            if self.uni or not warmup:
+            if not warmup:
                 hard = self.router.code_vectors(hard=True, training=False)
                 measured = hard[0].expand(z.shape[0], -1) if self.uni else hard[assign]
             else:
@@ -272,12 +275,16 @@ class Pruner:
 
     def _init_codes(self) -> None:
         """End of warm-up: codes start as k-means++ picks among the predictor's embeddings of a
-        fixed sample of prompts (the same on every process)."""
+        fixed sample of prompts (the same on every process); uni-arch's single code starts at
+        their mean, the one architecture closest to every prompt's."""
         n = len(self.z_all)
         pick = torch.randperm(n, generator=_gen(self.p.seed, 29))[: min(n, 4096)]
         with torch.no_grad():
             e = self.router.embed(self.z_all[pick].to(self.device))
-        self.router.init_codes(e, generator=_gen(self.p.seed, 31))
+            if self.uni:
+                self.router.codes.logits.copy_(e.mean(dim=0, keepdim=True))
+        if not self.uni:
+            self.router.init_codes(e, generator=_gen(self.p.seed, 31))
         self.codes_ready = True
 
     # ------------------------------------------------------------------ state
@@ -331,7 +338,7 @@ class Pruner:
         batches = self._batches()
         try:
             while self.step < self.total_steps:
-                if not self.uni and not self.codes_ready and self.step >= p.warmup_steps:
+                if not self.codes_ready and self.step >= p.warmup_steps:
                     self._init_codes()
                 self.router.train()
                 self.optimizer.zero_grad(set_to_none=True)
