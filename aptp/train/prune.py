@@ -19,9 +19,9 @@ of the global loss, and gradients of the (tiny) router are SUM-all-reduced, so N
 B/N samples each train exactly what one process with B samples trains.
 
 Method ``uni-arch`` (§4.3 baseline): one learned architecture for every prompt. It gets the same
-warm-up as ``aptp`` (the predictor's own vectors gate the model, without the contrastive loss,
-which only serves routing), then a single code starts at the medoid of the predicted
-architectures and is trained alone (no routing). Without the warm-up a code starting at the keep-all logit 3 moves
+warm-up as ``aptp`` (the predictor's own vectors gate the model, contrastive loss included:
+without it the warm-up's hard MACs stayed at 0.97), then a single code starts at the medoid of
+the predicted architectures and is trained alone (no routing, no contrastive loss). Without the warm-up a code starting at the keep-all logit 3 moves
 about ``lr`` per step and had not reached the budget after 400 steps (hard MACs 0.99).
 """
 
@@ -228,7 +228,7 @@ class Pruner:
         ratios = self.macs.ratio(measured)  # (B,), differentiable in the gates
         mean_ratio = global_mean(ratios, self.comm.all_reduce)
         l_res = resource_loss(mean_ratio, self.budget)
-        if self.uni:
+        if self.uni and not warmup:  # the warm-up is aptp's own, contrastive loss included
             l_cont = torch.zeros((), dtype=l_res.dtype)
         else:
             l_cont = contrastive_loss(z, e_soft, s.router.contrastive_temperature,
