@@ -74,6 +74,17 @@ def add_common_args(ap: argparse.ArgumentParser, *, latent: int, reps: int, batc
     ap.add_argument("--json", default=None, help="write the results with the machine description here")
 
 
+def sd21_setup(a: argparse.Namespace):
+    """(dtype, unet, space, macs) of the SD-2.1-shaped U-Net for the parsed common options."""
+    from aptp.engine.macs import build_macs_model
+    from aptp.engine.space import build_space
+
+    dtype = DTYPES[a.dtype]
+    unet = sd21_unet(a.device, dtype, tiny=a.tiny)
+    space = build_space(unet)
+    return dtype, unet, space, build_macs_model(unet, space, a.latent)
+
+
 def interleaved(fns: dict[str, Callable[[], None]], reps: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function, run round-robin so drifts hit every variant alike."""
     for _ in range(warmup):

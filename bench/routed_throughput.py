@@ -20,11 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, add_common_args, interleaved, machine, sd21_unet, vector_at_budget, write_json  # noqa: E402
+from common import add_common_args, interleaved, machine, sd21_setup, vector_at_budget, write_json  # noqa: E402
 
-from aptp.engine.macs import build_macs_model  # noqa: E402
 from aptp.engine.slicing import slice_unet  # noqa: E402
-from aptp.engine.space import build_space  # noqa: E402
 
 
 def main() -> None:
@@ -34,10 +32,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.78)
     add_common_args(ap, latent=64, reps=3, batch=8)
     a = ap.parse_args()
-    dtype = DTYPES[a.dtype]
-    unet = sd21_unet(a.device, dtype, tiny=a.tiny)
-    space = build_space(unet)
-    macs = build_macs_model(unet, space, a.latent)
+    dtype, unet, space, macs = sd21_setup(a)
     # experts spread around the budget like a trained mixture (easy prompts smaller, hard bigger)
     spread = torch.linspace(-0.08, 0.08, a.experts)
     experts, ratios = [], []
