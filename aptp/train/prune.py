@@ -18,11 +18,12 @@ processes; Sinkhorn sums and the contrastive batch are global, every loss is the
 of the global loss, and gradients of the (tiny) router are SUM-all-reduced, so N processes with
 B/N samples each train exactly what one process with B samples trains.
 
-Method ``uni-arch`` (§4.3 baseline): one learned architecture for every prompt. It gets the same
-warm-up as ``aptp`` (the predictor's own vectors gate the model, contrastive loss included:
-without it the warm-up's hard MACs stayed at 0.97), then a single code starts at the medoid of
-the predicted architectures and is trained alone (no routing, no contrastive loss). Without the warm-up a code starting at the keep-all logit 3 moves
-about ``lr`` per step and had not reached the budget after 400 steps (hard MACs 0.99).
+Method ``uni-arch`` (§4.3 baseline): one learned architecture for every prompt. It gets aptp's
+warm-up (the predictor's own vectors gate the model, contrastive loss included), then a single
+code starts at the medoid of the predicted architectures and trains alone (no routing, no
+contrastive loss). A code started at the keep-all logit 3 moves about ``lr`` per step and was
+still at 0.99 of the MACs after 400 steps; without the contrastive loss the warm-up itself
+stayed at 0.97.
 """
 
 from __future__ import annotations
