@@ -26,14 +26,26 @@ from aptp.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+WEIGHTS = ("auto", "initial", "finetuned")
+
+
 @dataclass
 class Target:
     name: str
     kind: str  # run | model | images
     path: str
+    weights: str = "auto"  # runs: auto (fine-tuned if present), initial (as materialized) or finetuned
 
 
 def classify(target: str) -> Target:
+    """What a command-line target is. ``RUN_DIR@initial`` / ``RUN_DIR@finetuned`` pick a run's
+    expert weights (before or after fine-tuning), so both can stand in one table."""
+    base, sep, weights = target.rpartition("@")
+    if sep and weights in WEIGHTS:
+        p = Path(base).expanduser()
+        if not (p.is_dir() and (p / "settings.yaml").is_file()):
+            raise AptpUserError(f"{target}: {base} is not a run directory (settings.yaml missing)")
+        return Target(target, "run", str(p), weights)
     p = Path(target).expanduser()
     if p.is_dir() and (p / "settings.yaml").is_file():
         return Target(target, "run", str(p))
@@ -69,7 +81,10 @@ def reference(settings: Settings, limit: int | None) -> tuple[list[str], Callabl
     captions = ds.captions()[:n]
 
     def load() -> list[Image.Image]:
-        return [_to_pil(ds[i]["pixel_values"]) for i in range(n)]
+        # resized as they are read, so a 30k-image reference never sits in memory at full size
+        from aptp.metrics import resize_for_eval
+
+        return [resize_for_eval(_to_pil(ds[i]["pixel_values"]), settings.eval.resolution) for i in range(n)]
 
     key = f"{settings.data.name}-{settings.eval.split}-n{n}-r{settings.data.resolution}-seed{settings.seed}"
     return captions, load, key.replace("/", "_")
@@ -94,9 +109,15 @@ def feature_networks(settings: Settings):
     return clip, fid
 
 
-def _generate_target(t: Target, settings: Settings, captions: list[str]) -> tuple[list[Image.Image], float, float]:
-    """(images, mean MACs ratio over the prompts, seconds per image)."""
+def _generate_target(t: Target, settings: Settings, captions: list[str],
+                     save_dir: Path | None) -> tuple[list[Image.Image], float, float]:
+    """(images resized for the metrics, mean MACs ratio over the prompts, seconds per image).
+
+    Each finished batch is resized to ``eval.resolution`` at once (and saved at full size to
+    ``save_dir``), so memory holds only the small copies however many captions there are.
+    """
     from aptp.generate import ExpertPipeline, plan_jobs
+    from aptp.metrics import resize_for_eval
     from aptp.rundir import RunDir
     from aptp.train.teacher import load_teacher
 
@@ -109,7 +130,9 @@ def _generate_target(t: Target, settings: Settings, captions: list[str]) -> tupl
         ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()}
         macs = sum(ratios[j.expert] for j in jobs) / len(jobs)
         res = s.data.resolution
-        ep = ExpertPipeline(run, pipe)
+        ep = ExpertPipeline(run, pipe, weights=t.weights)
+        for k in sorted({j.expert for j in jobs}):
+            run.expert_dir(k, t.weights)  # one clear line before any generation if weights are missing
     else:
         from aptp.models.registry import default_resolution, resolve_model
         from aptp.settings import ModelSettings
@@ -120,13 +143,25 @@ def _generate_target(t: Target, settings: Settings, captions: list[str]) -> tupl
         res = default_resolution(resolve_model(t.path))
         ep = ExpertPipeline(None, pipe)
     h, w = g.height or res, g.width or res
+    small: dict[int, Image.Image] = {}
+    saving = 0.0
+
+    def keep(batch, imgs) -> None:
+        nonlocal saving
+        t0 = time.perf_counter()
+        for j, img in zip(batch, imgs):
+            if save_dir is not None:
+                img.save(save_dir / f"{j.index:05d}.png")
+            small[j.index] = resize_for_eval(img, settings.eval.resolution)
+        saving += time.perf_counter() - t0
+
     start = time.perf_counter()
-    images = ep.render(jobs, g, h, w)
-    seconds = (time.perf_counter() - start) / len(jobs)
-    return [images[j.index] for j in jobs], macs, seconds
+    ep.render(jobs, g, h, w, on_images=keep)
+    seconds = (time.perf_counter() - start - saving) / len(jobs)
+    return [small[j.index] for j in jobs], macs, seconds
 
 
-def _read_images(t: Target, captions: list[str]) -> tuple[list[Image.Image], float | None, None]:
+def _read_images(t: Target, captions: list[str], resolution: int) -> tuple[list[Image.Image], float | None, None]:
     # `aptp generate`'s manifest.jsonl (prompt, file) or an imagefolder's metadata.jsonl (text, file_name)
     folder = Path(t.path)
     manifest = folder / "manifest.jsonl"
@@ -143,7 +178,9 @@ def _read_images(t: Target, captions: list[str]) -> tuple[list[Image.Image], flo
     chosen = [by_prompt[c] for c in captions]
     ratios = [r.get("macs_ratio") for r in chosen]
     macs = sum(ratios) / len(ratios) if all(isinstance(x, (int, float)) for x in ratios) else None
-    return [Image.open(Path(t.path) / r["file"]).convert("RGB") for r in chosen], macs, None
+    from aptp.metrics import resize_for_eval
+
+    return [resize_for_eval(Image.open(Path(t.path) / r["file"]), resolution) for r in chosen], macs, None
 
 
 def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None = None,
@@ -157,24 +194,21 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
     captions, load_real, key = reference(settings, e.limit)
     clip, fid = feature_networks(settings)
     pick = PickScore.from_pretrained(e.pickscore_model) if "pickscore" in e.metrics else None
-    real_images: list[Image.Image] | None = None
     tiers = tiers_of(settings, len(captions))
     rows = []
     for t in parsed:
         if on_target is not None:
             on_target(t.name)
-        if t.kind == "images":
-            images, macs, seconds = _read_images(t, captions)
-        else:
-            images, macs, seconds = _generate_target(t, settings, captions)
-        if images_dir is not None:
+        folder = None
+        if images_dir is not None and t.kind != "images":
             folder = images_dir / Path(t.name).name.replace(":", "_")
             folder.mkdir(parents=True, exist_ok=True)
-            for i, img in enumerate(images):
-                img.save(folder / f"{i:05d}.png")
-        if real_images is None:
-            real_images = load_real()
-        scores = compute_metrics(images, captions, real_images, e.metrics, clip, fid_features=fid,
+        if t.kind == "images":
+            images, macs, seconds = _read_images(t, captions, e.resolution)
+        else:
+            images, macs, seconds = _generate_target(t, settings, captions, folder)
+        # the real images are read only if their statistics are not cached yet (once at most)
+        scores = compute_metrics(images, captions, load_real, e.metrics, clip, fid_features=fid,
                                  real_stats_key=key, resolution=e.resolution, pickscore=pick,
                                  cmmd_estimator=e.cmmd_estimator)
         row = {"target": t.name, "kind": t.kind, "macs_ratio": macs, "seconds_per_image": seconds,

@@ -77,7 +77,8 @@ class ExpertPipeline:
         """Images (PIL) of ``jobs``, keyed by job index; grouped per expert, batched.
 
         ``on_images(batch_jobs, images)`` is called as soon as each batch is done (to write it
-        out), then ``on_batch(len(batch))`` (progress)."""
+        out), then ``on_batch(len(batch))`` (progress). With ``on_images`` the images are handed
+        over and not kept: the result is then empty, so memory does not grow with the jobs."""
         pipe = self.pipe
         pipe.scheduler = make_scheduler(pipe, g.scheduler)
         groups: dict[int | None, list[Job]] = {}
@@ -93,10 +94,10 @@ class ExpertPipeline:
                 latents = torch.cat([initial_latents(pipe, j.seed, height, width) for j in batch])
                 out = pipe([j.prompt for j in batch], height=height, width=width, num_inference_steps=g.steps,
                            guidance_scale=g.guidance, latents=latents.to(pipe.device, pipe.unet.dtype))
-                for j, img in zip(batch, out.images):
-                    images[j.index] = img
                 if on_images is not None:
                     on_images(batch, list(out.images))
+                else:
+                    images.update((j.index, img) for j, img in zip(batch, out.images))
                 if on_batch is not None:
                     on_batch(len(batch))
         pipe.unet = self.teacher_unet

@@ -26,7 +26,7 @@ def _fmt(v) -> str:
 
 @command
 def evaluate(
-    targets: Annotated[list[str], typer.Argument(help="Run directories, models (alias / folder / hub id) or folders of generated images with manifest.jsonl.")],
+    targets: Annotated[list[str], typer.Argument(help="Run directories (RUN@initial / RUN@finetuned pick the expert weights; default: fine-tuned if present), models (alias / folder / hub id) or folders of generated images with manifest.jsonl.")],
     data: Annotated[Optional[str], typer.Option(help="Data set whose evaluation captions and images are used (default: the first run's, else shapes).")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Root of coco / cc3m.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N captions of the split.")] = None,

@@ -16,7 +16,7 @@ Typical use::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -102,7 +102,7 @@ def resize_for_eval(image: Image.Image, resolution: int = EVAL_RESOLUTION) -> Im
 def compute_metrics(
     images: Sequence[Image.Image],
     captions: Sequence[str],
-    real_images: Sequence[Image.Image] | None,
+    real_images: Sequence[Image.Image] | Callable[[], Sequence[Image.Image]] | None,
     metrics: Sequence[str],
     features: ClipFeatures | None,
     fid_features: ImageFeatureExtractor | None = None,
@@ -118,8 +118,9 @@ def compute_metrics(
     Args:
         images: Generated images, one per caption.
         captions: The prompts they were generated from.
-        real_images: Reference images for FID and CMMD; may be None when their statistics are
-            cached under ``real_stats_key`` (they are only loaded on a cache miss).
+        real_images: Reference images for FID and CMMD, or a function that loads them (called
+            only on a cache miss, at most once); may be None when their statistics are cached
+            under ``real_stats_key``.
         metrics: Any of ``"fid"``, ``"clip"``, ``"cmmd"``, ``"pickscore"``.
         features: CLIP network for the CLIP score and the CMMD embeddings (needed for both).
         fid_features: FID network; None uses ``features`` (an FD in CLIP space).
@@ -157,7 +158,14 @@ def compute_metrics(
         return [resize_for_eval(im, resolution) if resolution else im.convert("RGB") for im in imgs]
 
     fake = prep(images)
-    real_loader = (lambda: prep(real_images)) if real_images is not None else None
+    real_loader = None
+    if real_images is not None:
+        loaded: list[list[Image.Image]] = []
+
+        def real_loader() -> list[Image.Image]:
+            if not loaded:
+                loaded.append(prep(real_images() if callable(real_images) else real_images))
+            return loaded[0]
     dataset_id = f"{real_stats_key}@{resolution or 'native'}px" if real_stats_key is not None else None
     fidnet = fid_features if fid_features is not None else features
     out: dict[str, float | int | str] = {"n_images": len(fake), "resolution": resolution or "native"}

@@ -2,6 +2,8 @@
 
 A checkpoint directory is written under a temporary name and renamed into place, so a crash
 (even SIGKILL) leaves either the previous checkpoints or a complete new one, never half of one.
+The end of a training step (log, progress, checkpoint, stop on Ctrl-C) is shared by the prune
+and fine-tune loops: :func:`stop_on_sigint` and :func:`end_of_step`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +76,48 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     info = json.loads((path / INFO_FILE).read_text())
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     return state, info
+
+
+@contextmanager
+def stop_on_sigint(install: bool) -> Iterator[dict[str, bool]]:
+    """A flag that Ctrl-C sets instead of raising, so the loop ends its step and checkpoints.
+
+    ``install`` is False on the processes that do not own the terminal (ranks > 0): they learn
+    of the stop through :func:`end_of_step`'s reduction. The previous handler is restored on exit.
+    """
+    flag = {"stop": False}
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.__setitem__("stop", True)) if install else None
+    try:
+        yield flag
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
+def end_of_step(step: int, total: int, record: dict[str, Any], *, main: bool, metrics: Path, log_every: int,
+                checkpoint_every: int, checkpoint: Callable[[], Any], stop_requested: Callable[[], bool],
+                log: Callable[[dict], None] | None = None,
+                progress: Callable[[int, int, dict], None] | None = None) -> bool:
+    """Finish training step ``step`` of ``total``; True when the loop must stop (interrupted).
+
+    The main process appends ``record`` to ``metrics`` every ``log_every`` steps and at the
+    last, and reports progress. Every process checkpoints every ``checkpoint_every`` steps and
+    at the last (``checkpoint`` decides which process writes). ``stop_requested()`` (a
+    collective: every process must call it) asks whether any process saw Ctrl-C; then a
+    checkpoint of this step is written unless it was just written, and the loop stops.
+    """
+    if main and (step % log_every == 0 or step == total):
+        with open(metrics, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if log is not None:
+            log(record)
+    if main and progress is not None:
+        progress(step, total, record)
+    saved = step % checkpoint_every == 0 or step == total
+    if saved:
+        checkpoint()
+    if stop_requested():
+        if not saved:
+            checkpoint()
+        return True
+    return False

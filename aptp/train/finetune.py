@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from aptp.experts import write_route_index
 from aptp.io import atomic_write_json, prepare_output_dir
 from aptp.rundir import FINETUNED_DIR, RunDir
 from aptp.settings import Settings, write_settings
-from aptp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
 from aptp.train.diffusion import diffusion_target
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
@@ -62,7 +61,7 @@ class ExpertTrainer:
     """Fine-tunes one expert; ``run()`` trains, checkpoints and writes ``finetuned/expert-K``."""
 
     def __init__(self, run: RunDir, k: int, settings: Settings, *, teacher: Teacher | None = None,
-                 accelerator=None, log: Callable[[dict], None] | None = None):
+                 accelerator=None, log: Callable[[dict], None] | None = None, indices: list[int] | None = None):
         from accelerate import Accelerator
 
         self.run_dir, self.k, self.s, self.f = run, k, settings, settings.finetune
@@ -70,8 +69,9 @@ class ExpertTrainer:
         self.log = log or (lambda rec: None)
         self.work = run.path / "finetune" / f"expert-{k}"
         self.teacher = teacher or load_teacher(settings.model, device=self.acc.device)
-        barrier = self.acc.wait_for_everyone
-        self.indices = routed_indices(run, k, self.acc.is_main_process, barrier)
+        if indices is None:
+            indices = routed_indices(run, k, self.acc.is_main_process, self.acc.wait_for_everyone)
+        self.indices = indices
         if not self.indices:
             raise AptpUserError(f"expert {k}: no training sample is routed to it; nothing to fine-tune")
         self.dataset = build_dataset(settings.data, seed=settings.seed)
@@ -155,13 +155,10 @@ class ExpertTrainer:
     # ------------------------------------------------------------------ loop
     def run(self, progress: Callable[[int, int, dict], None] | None = None) -> FinetuneResult:
         f = self.f
-        stop = {"flag": False}
-        previous = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) \
-            if self.acc.is_main_process else None
         t0 = time.time()
         interrupted = False
         batches = self._batches()
-        try:
+        with stop_on_sigint(self.acc.is_main_process) as flag:  # Ctrl-C: finish the step, checkpoint, exit
             while self.step < f.steps:
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -182,23 +179,15 @@ class ExpertTrainer:
                     self.ema.step(self.acc.unwrap_model(self.model).parameters())
                 self.step += 1
                 rec = {"step": self.step, "expert": self.k, **rec, "elapsed_s": round(time.time() - t0, 3)}
-                if self.acc.is_main_process and (self.step % f.log_every == 0 or self.step == f.steps):
-                    with open(self.work / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps(rec) + "\n")
-                    self.log(rec)
-                if progress is not None and self.acc.is_main_process:
-                    progress(self.step, f.steps, rec)
-                if self.step % f.checkpoint_every == 0 or self.step == f.steps:
-                    self.checkpoint()
-                flag = torch.tensor([1.0 if stop["flag"] else 0.0], device=self.acc.device)
-                if self.acc.reduce(flag, reduction="sum").item() > 0:
-                    if self.step % f.checkpoint_every != 0:
-                        self.checkpoint()
+                if end_of_step(self.step, f.steps, rec, main=self.acc.is_main_process,
+                               metrics=self.work / "metrics.jsonl", log_every=f.log_every,
+                               checkpoint_every=f.checkpoint_every, checkpoint=self.checkpoint, log=self.log,
+                               progress=progress,
+                               stop_requested=lambda: self.acc.reduce(
+                                   torch.tensor([1.0 if flag["stop"] else 0.0], device=self.acc.device),
+                                   reduction="sum").item() > 0):
                     interrupted = True
                     break
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
         path = None
         if not interrupted and self.acc.is_main_process:
             path = self.finish()
@@ -234,8 +223,9 @@ def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: 
     results = []
     teacher = load_teacher(settings.model, device=acc.device)
     for k in experts:
-        if skip_empty and not routed_indices(run, k, acc.is_main_process, acc.wait_for_everyone):
-            logger.warning("expert %d: no training sample is routed to it; skipped", k)
+        indices = routed_indices(run, k, acc.is_main_process, acc.wait_for_everyone)
+        if skip_empty and not indices:  # the caller reports it (result with path None)
+            logger.debug("expert %d: no training sample is routed to it; skipped", k)
             results.append(FinetuneResult(k, 0, False, None, 0))
             continue
         work = run.path / "finetune" / f"expert-{k}"
@@ -245,7 +235,7 @@ def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: 
                 raise AptpUserError(f"{final} exists; pass --overwrite to fine-tune expert {k} again or --resume")
             prepare_output_dir(work, overwrite=overwrite, resume=resume and work.exists())
         acc.wait_for_everyone()
-        trainer = ExpertTrainer(run, k, settings, teacher=teacher, accelerator=acc, log=log)
+        trainer = ExpertTrainer(run, k, settings, teacher=teacher, accelerator=acc, log=log, indices=indices)
         resumed = trainer.resume() if resume else False
         if acc.is_main_process and not resumed:
             write_settings(settings, work)

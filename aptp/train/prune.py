@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from aptp.router.losses import assignment_loss, contrastive_loss, global_mean, r
 from aptp.router.router import PromptRouter, save_router
 from aptp.settings import Settings, write_settings
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
-from aptp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
 from aptp.train.diffusion import diffusion_target
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.teacher import Teacher, load_teacher
@@ -331,16 +330,10 @@ class Pruner:
     def run(self, progress: Callable[[int, int, dict], None] | None = None) -> PruneResult:
         p = self.p
         interrupted = False
-        stop = {"flag": False}
-
-        def on_sigint(signum, frame):  # finish the current step, checkpoint, exit
-            stop["flag"] = True
-
-        previous = signal.signal(signal.SIGINT, on_sigint) if self.comm.rank == 0 else None
         metrics = self.run_dir / "metrics.jsonl"
         t0 = time.time()
         batches = self._batches()
-        try:
+        with stop_on_sigint(self.comm.rank == 0) as flag:  # Ctrl-C: finish the step, checkpoint, exit
             while self.step < self.total_steps:
                 if not self.codes_ready and self.step >= p.warmup_steps:
                     self._init_codes()
@@ -370,23 +363,13 @@ class Pruner:
                 if shares.sum() > 0:
                     rec["share_per_expert"] = (shares / shares.sum()).tolist()
                     rec["busiest_share"] = float((shares / shares.sum()).max())
-                if self.comm.rank == 0 and (self.step % p.log_every == 0 or self.step == self.total_steps):
-                    with open(metrics, "a") as fh:
-                        fh.write(json.dumps(rec) + "\n")
-                    self.log(rec)
-                if progress is not None and self.comm.rank == 0:
-                    progress(self.step, self.total_steps, rec)
-                if self.step % p.checkpoint_every == 0 or self.step == self.total_steps:
-                    self.checkpoint()
-                flag = self.comm.all_reduce(torch.tensor([1.0 if stop["flag"] else 0.0]))
-                if flag.item() > 0:
-                    if self.step % p.checkpoint_every != 0 and self.step != self.total_steps:
-                        self.checkpoint()
+                if end_of_step(self.step, self.total_steps, rec, main=self.comm.rank == 0, metrics=metrics,
+                               log_every=p.log_every, checkpoint_every=p.checkpoint_every,
+                               checkpoint=self.checkpoint, log=self.log, progress=progress,
+                               stop_requested=lambda: self.comm.all_reduce(
+                                   torch.tensor([1.0 if flag["stop"] else 0.0])).item() > 0):
                     interrupted = True
                     break
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
         routing = None
         if not interrupted:
             routing = self.finish()

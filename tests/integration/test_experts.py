@@ -213,13 +213,15 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     from aptp.data.shapes import export_image_folder
 
     export_image_folder(tmp_path / "real", "validation", 4)  # an imagefolder (metadata.jsonl) target
-    res = cli("eval", str(run), str(tiny_pipeline_dir), str(tmp_path / "gen"), str(tmp_path / "real"),
+    res = cli("eval", str(run), str(tiny_pipeline_dir), str(tmp_path / "gen"), str(tmp_path / "real"), f"{run}@initial",
               "--limit", "4", "--steps", "2",
               "--output", str(tmp_path / "eval"), "--format", "json", "--quiet",
               "--set", f"eval.clip_model=domain-clip:{clip_dir}")
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
-    assert [r["kind"] for r in rows] == ["run", "model", "images", "images"]
+    assert [r["kind"] for r in rows] == ["run", "model", "images", "images", "run"]
+    assert rows[4]["target"] == f"{run}@initial" and rows[4]["macs_ratio"] == rows[0]["macs_ratio"]
+    rows = rows[:4]
     assert rows[3]["fid"] < min(r["fid"] for r in rows[:3])  # real images (64 px) vs the 16 px reference
     for r in rows:
         assert r["n_images"] == 4 and r["fid"] >= 0 and 0 <= r["clip"] <= 100 and "cmmd" in r
@@ -229,8 +231,12 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     # the generated folder holds the same routed images as the run's own generation
     assert rows[2]["clip"] == pytest.approx(rows[0]["clip"], abs=1.0)
     assert (tmp_path / "eval" / "results.csv").is_file() and (tmp_path / "eval" / "results.json").is_file()
-    bad = cli("eval", str(tmp_path / "nothing-here"), "--limit", "2")
-    assert bad.exit_code == 2
+    saved = sorted((tmp_path / "eval" / "images" / run.name).glob("*.png"))  # generated, kept at full size
+    assert [p.name for p in saved] == [f"{i:05d}.png" for i in range(4)]
+    assert Image.open(saved[0]).size == (Image.open(tmp_path / "gen" / "00000.png").size)
+    for target in (tmp_path / "nothing-here", f"{tmp_path / 'nothing-here'}@initial"):
+        bad = cli("eval", str(target), "--limit", "2")
+        assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def _validation_captions(run, n):

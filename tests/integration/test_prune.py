@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from aptp.cli.main import app
+from aptp.train.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +133,28 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_pipeline_dir, emb_cache
     assert steps == list(range(1, 11))  # no duplicated or missing log lines
     info = json.loads((tmp_path / "killed" / "checkpoints" / "step-000010" / "trainer.json").read_text())
     assert info["budget"] == 0.78 and info["step"] == 10
+
+
+def test_ctrl_c_checkpoints_the_step_and_resumes(tiny_pipeline_dir, emb_cache, tmp_path):
+    """SIGINT: the step in progress ends, is checkpointed (also between checkpoint steps), exit 130;
+    --resume then finishes with every step logged once."""
+    run = tmp_path / "run"
+    args = common(tiny_pipeline_dir, emb_cache, steps=8) + ["--set", "prune.checkpoint_every=4", "--quiet"]
+    proc = _subprocess(args + ["--output", str(run)])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(metrics(run)) < 3:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130, out
+    stopped = metrics(run)[-1]["step"]
+    assert f"interrupted at step {stopped}" in out and stopped < 10
+    assert int(latest_checkpoint(run).name.split("-")[1]) == stopped  # this very step was saved
+    assert not (run / "routing.json").exists()
+    resumed = cli(*args, "--resume", "--output", str(run))
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in metrics(run)] == list(range(1, 11)) and (run / "routing.json").is_file()
 
 
 def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, emb_cache, tmp_path):

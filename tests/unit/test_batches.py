@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from aptp.train.batches import GlobalBatchSampler, global_batch
@@ -36,3 +38,44 @@ def test_checkpoints_keep_the_newest(tmp_path):
     assert info == {"step": 8, "budget": 0.78} and torch.equal(state["w"], torch.full((2,), 8.0))
     (tmp_path / "checkpoints" / ".step-000010.tmp").mkdir()  # a write killed half-way is ignored
     assert latest_checkpoint(tmp_path).name == "step-000008"
+
+
+def test_end_of_step_logs_checkpoints_and_stops(tmp_path):
+    from aptp.train.checkpoint import end_of_step
+
+    saved, logged, shown = [], [], []
+    metrics = tmp_path / "metrics.jsonl"
+
+    def step(n, stop=False, main=True):
+        return end_of_step(n, 7, {"step": n}, main=main, metrics=metrics, log_every=2, checkpoint_every=3,
+                           checkpoint=lambda: saved.append(n), stop_requested=lambda: stop,
+                           log=logged.append, progress=lambda s, t, r: shown.append((s, t)))
+
+    assert [step(n) for n in range(1, 8)] == [False] * 7
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [2, 4, 6, 7]  # and the last
+    assert [r["step"] for r in logged] == [2, 4, 6, 7] and shown == [(n, 7) for n in range(1, 8)]
+    assert saved == [3, 6, 7]
+    saved.clear()
+    assert step(4, stop=True) is True and saved == [4]  # interrupted between checkpoints: one written
+    saved.clear()
+    assert step(6, stop=True) is True and saved == [6]  # on a checkpoint step: not written twice
+    saved.clear()
+    shown.clear()
+    assert step(2, main=False) is False and saved == [] and shown == []  # other ranks neither log nor show
+    assert len(metrics.read_text().splitlines()) == 6
+
+
+def test_stop_on_sigint_sets_the_flag_and_restores_the_handler():
+    import os
+    import signal
+
+    from aptp.train.checkpoint import stop_on_sigint
+
+    before = signal.getsignal(signal.SIGINT)
+    with stop_on_sigint(True) as flag:
+        assert flag["stop"] is False
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the loop finishes its step
+        assert flag["stop"] is True
+    assert signal.getsignal(signal.SIGINT) is before
+    with stop_on_sigint(False) as flag:  # ranks > 0 leave the handler alone
+        assert signal.getsignal(signal.SIGINT) is before and flag["stop"] is False

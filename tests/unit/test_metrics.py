@@ -345,6 +345,17 @@ def test_compute_metrics_end_to_end(domain_clip, tmp_path):
     out2 = compute_metrics(fake, captions, real, ["fid"], domain_clip, fid_features=PooledPixels(),
                            real_stats_key="toy-real", cache=tmp_path)
     assert out2["fid_features"] == "pooled-pixels-2x2" and len(list(tmp_path.iterdir())) == 2
+    # A loader of the real images is called only on a cache miss, and once however many networks.
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return real
+
+    assert compute_metrics(fake, captions, loader, ["fid", "clip", "cmmd"], **kw) == out and not calls
+    fresh = dict(kw, cache=tmp_path / "fresh")
+    got = compute_metrics(fake, captions, loader, ["fid", "cmmd"], fid_features=PooledPixels(), **fresh)
+    assert got["cmmd"] == pytest.approx(out["cmmd"], rel=1e-9) and len(calls) == 1
     with pytest.raises(ValueError, match="unknown metrics"):
         compute_metrics(fake, captions, real, ["fid", "is"], domain_clip)
     with pytest.raises(ValueError, match="pickscore"):
