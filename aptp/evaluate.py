@@ -37,6 +37,13 @@ class Target:
     weights: str = "auto"  # runs: auto (fine-tuned if present), initial (as materialized) or finetuned
 
 
+def run_path(target: str) -> Path | None:
+    """The run directory a target names (``RUN`` or ``RUN@initial|finetuned``), else None."""
+    base, sep, weights = target.rpartition("@")
+    p = Path(base if sep and weights in WEIGHTS else target).expanduser()
+    return p if p.is_dir() and (p / "settings.yaml").is_file() else None
+
+
 def classify(target: str) -> Target:
     """What a command-line target is. ``RUN_DIR@initial`` / ``RUN_DIR@finetuned`` pick a run's
     expert weights (before or after fine-tuning), so both can stand in one table."""
@@ -110,8 +117,9 @@ def feature_networks(settings: Settings):
 
 
 def _generate_target(t: Target, settings: Settings, captions: list[str],
-                     save_dir: Path | None) -> tuple[list[Image.Image], float, float]:
-    """(images resized for the metrics, mean MACs ratio over the prompts, seconds per image).
+                     save_dir: Path | None) -> tuple[list[Image.Image], dict[str, Any]]:
+    """(images resized for the metrics, {mean MACs ratio over the prompts, seconds per image,
+    guidance scale}).
 
     Each finished batch is resized to ``eval.resolution`` at once (and saved at full size to
     ``save_dir``), so memory holds only the small copies however many captions there are.
@@ -141,7 +149,7 @@ def _generate_target(t: Target, settings: Settings, captions: list[str],
         jobs = plan_jobs(None, captions, g.seed, None, True)
         macs = 1.0
         res = default_resolution(resolve_model(t.path))
-        ep = ExpertPipeline(None, pipe)
+        ep = ExpertPipeline(None, pipe, model=t.path)
     h, w = g.height or res, g.width or res
     small: dict[int, Image.Image] = {}
     saving = 0.0
@@ -158,10 +166,11 @@ def _generate_target(t: Target, settings: Settings, captions: list[str],
     start = time.perf_counter()
     ep.render(jobs, g, h, w, on_images=keep)
     seconds = (time.perf_counter() - start - saving) / len(jobs)
-    return [small[j.index] for j in jobs], macs, seconds
+    info = {"macs_ratio": macs, "seconds_per_image": seconds, "guidance": ep.guidance(g)}
+    return [small[j.index] for j in jobs], info
 
 
-def _read_images(t: Target, captions: list[str], resolution: int) -> tuple[list[Image.Image], float | None, None]:
+def _read_images(t: Target, captions: list[str], resolution: int) -> tuple[list[Image.Image], dict[str, Any]]:
     # `aptp generate`'s manifest.jsonl (prompt, file) or an imagefolder's metadata.jsonl (text, file_name)
     folder = Path(t.path)
     manifest = folder / "manifest.jsonl"
@@ -178,9 +187,11 @@ def _read_images(t: Target, captions: list[str], resolution: int) -> tuple[list[
     chosen = [by_prompt[c] for c in captions]
     ratios = [r.get("macs_ratio") for r in chosen]
     macs = sum(ratios) / len(ratios) if all(isinstance(x, (int, float)) for x in ratios) else None
+    scales = {r.get("guidance") for r in chosen}
+    info = {"macs_ratio": macs, "seconds_per_image": None, "guidance": scales.pop() if len(scales) == 1 else None}
     from aptp.metrics import resize_for_eval
 
-    return [resize_for_eval(Image.open(Path(t.path) / r["file"]), resolution) for r in chosen], macs, None
+    return [resize_for_eval(Image.open(Path(t.path) / r["file"]), resolution) for r in chosen], info
 
 
 def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None = None,
@@ -204,14 +215,14 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
             folder = images_dir / Path(t.name).name.replace(":", "_")
             folder.mkdir(parents=True, exist_ok=True)
         if t.kind == "images":
-            images, macs, seconds = _read_images(t, captions, e.resolution)
+            images, info = _read_images(t, captions, e.resolution)
         else:
-            images, macs, seconds = _generate_target(t, settings, captions, folder)
+            images, info = _generate_target(t, settings, captions, folder)
         # the real images are read only if their statistics are not cached yet (once at most)
         scores = compute_metrics(images, captions, load_real, e.metrics, clip, fid_features=fid,
                                  real_stats_key=key, resolution=e.resolution, pickscore=pick,
                                  cmmd_estimator=e.cmmd_estimator)
-        row = {"target": t.name, "kind": t.kind, "macs_ratio": macs, "seconds_per_image": seconds,
+        row = {"target": t.name, "kind": t.kind, **info,
                **scores, "cmmd_estimator": e.cmmd_estimator}
         if tiers is not None and "clip" in e.metrics:
             per = clip_scores([resize_for_eval(i, e.resolution) for i in images], captions, clip)

@@ -51,8 +51,12 @@ def initial_latents(pipe, seed: int, height: int, width: int) -> torch.Tensor:
 class ExpertPipeline:
     """A loaded teacher pipeline plus lazily loaded expert U-Nets (cached, at most ``cache`` at once)."""
 
-    def __init__(self, run: RunDir | None, pipe, weights: str = "auto", cache: int = 16):
+    def __init__(self, run: RunDir | None, pipe, weights: str = "auto", cache: int = 16, model: str | None = None):
+        from aptp.models.registry import default_guidance
+
         self.run = run
+        # guidance when the settings leave it unset: the model's recommended scale
+        self.default_guidance = default_guidance(model or (run.settings.model.name if run is not None else None))
         self.pipe = pipe
         self.teacher_unet = pipe.unet
         self.weights = weights
@@ -69,6 +73,10 @@ class ExpertPipeline:
                             dtype=self.teacher_unet.dtype)
             self._experts[expert] = m
         return self._experts[expert]
+
+    def guidance(self, g: GenerateSettings) -> float:
+        """The guidance scale ``render`` uses for settings ``g``."""
+        return g.guidance if g.guidance is not None else self.default_guidance
 
     @torch.no_grad()
     def render(self, jobs: list[Job], g: GenerateSettings, height: int, width: int,
@@ -93,7 +101,7 @@ class ExpertPipeline:
                 batch = group[start : start + g.batch_size]
                 latents = torch.cat([initial_latents(pipe, j.seed, height, width) for j in batch])
                 out = pipe([j.prompt for j in batch], height=height, width=width, num_inference_steps=g.steps,
-                           guidance_scale=g.guidance, latents=latents.to(pipe.device, pipe.unet.dtype))
+                           guidance_scale=self.guidance(g), latents=latents.to(pipe.device, pipe.unet.dtype))
                 if on_images is not None:
                     on_images(batch, list(out.images))
                 else:
@@ -152,7 +160,7 @@ def generate(run: RunDir, prompts: list[str], out_dir: Path, g: GenerateSettings
         return {"index": j.index, "prompt": j.prompt, "expert": "full" if j.expert is None else j.expert,
                 "macs_ratio": 1.0 if j.expert is None else ratios.get(j.expert), "seed": j.seed,
                 "file": f"{j.index:05d}.png", "height": height, "width": width, "steps": g.steps,
-                "guidance": g.guidance, "scheduler": g.scheduler}
+                "guidance": ep.guidance(g), "scheduler": g.scheduler}
 
     def write_batch(batch: list[Job], imgs: list[Any]) -> None:
         # each finished batch is on disk at once: PNGs first, then their manifest lines, so an

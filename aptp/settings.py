@@ -216,7 +216,11 @@ class GenerateSettings(_Section):
 
     scheduler: Literal["pndm", "ddim"] = Field("pndm", description="Sampling scheduler.")
     steps: int = Field(25, ge=1, description="Denoising steps.")
-    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale (1 = off).")
+    guidance: float | None = Field(
+        None, ge=0,
+        description="Classifier-free guidance scale (1 = off); None = the model's recommended scale "
+        "(7.5, the paper's, for SD 2.1 and unknown models; 3 for the embedded toy).",
+    )
     height: int | None = Field(None, description="Image height (multiple of 8); None = model default.")
     width: int | None = Field(None, description="Image width (multiple of 8); None = model default.")
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass.")

@@ -14,7 +14,7 @@ from rich.table import Table
 from aptp.cli.common import RecipeOpt, SetOpt, command, err, out, settings_from, setup_logging
 from aptp.errors import AptpUserError
 
-COLUMNS = [("target", "target"), ("macs_ratio", "MACs ratio"), ("seconds_per_image", "s/img"), ("fid", "FD"),
+COLUMNS = [("target", "target"), ("macs_ratio", "MACs ratio"), ("seconds_per_image", "s/img"), ("guidance", "CFG"), ("fid", "FD"),
            ("clip", "CLIP"), ("cmmd", "CMMD"), ("pickscore", "PickScore")]
 
 
@@ -33,7 +33,7 @@ def evaluate(
     metrics: Annotated[Optional[str], typer.Option(help="Comma list of fid,clip,cmmd,pickscore.")] = None,
     fid_features: Annotated[Optional[str], typer.Option(help="FID feature network (see docs); default auto.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default 25).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default 7.5).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the model's recommended, 7.5 for SD 2.1, 3 for toy).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results.csv, results.json and the generated images here.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --output.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json (stdout).")] = "table",
@@ -43,12 +43,13 @@ def evaluate(
 ) -> None:
     """Generate for the evaluation captions and report FID, CLIP score, CMMD (PickScore), MACs and s/img."""
     from aptp.evaluate import evaluate as run_eval
+    from aptp.evaluate import run_path
     from aptp.io import prepare_output_dir
     from aptp.settings import write_settings
 
     if fmt not in ("table", "csv", "json"):
         raise AptpUserError(f"--format {fmt}: expected table, csv or json")
-    first_run = next((Path(t) for t in targets if (Path(t) / "settings.yaml").is_file()), None)
+    first_run = next((p for p in map(run_path, targets) if p is not None), None)
     if recipe is None and first_run is not None:
         recipe = first_run / "settings.yaml"
     metric_list = [m.strip() for m in metrics.split(",")] if metrics else None

@@ -178,7 +178,7 @@ def generate(
     prompts_file: PromptsFileOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default RUN_DIR/samples).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default 25).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default 7.5).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's recommended, 7.5 for SD 2.1, 3 for toy).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Prompt i gets seed SEED+i.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Prompts per batch within an expert's group.")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the run's resolution).")] = None,

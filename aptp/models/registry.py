@@ -24,6 +24,9 @@ from torch import nn
 from aptp.errors import ModelNotFoundError
 
 
+DEFAULT_GUIDANCE = 7.5  # SD 2.1's (and diffusers' default) classifier-free guidance scale
+
+
 @dataclass(frozen=True)
 class Alias:
     """A known model: where its weights live and what the package knows about it offline."""
@@ -36,6 +39,7 @@ class Alias:
     prediction_type: str = "epsilon"
     local_path: str | None = None  # for models shipped inside the package
     text_len: int = 77  # tokens per prompt (the tokenizer's model_max_length)
+    guidance: float = DEFAULT_GUIDANCE  # recommended classifier-free guidance scale
 
 
 ALIASES: dict[str, Alias] = {
@@ -47,6 +51,7 @@ ALIASES: dict[str, Alias] = {
         prediction_type="v_prediction",
         local_path="assets/toy",
         text_len=24,
+        guidance=3.0,  # 7.5 over-saturates this small teacher (docs/shapes-world.md)
         description="the embedded shapes-world model shipped with aptp (8.6M-parameter U-Net, SD 2.1 topology)",
     ),
     "sd2.1": Alias(
@@ -159,6 +164,12 @@ def vae_scale_factor(ref: ModelRef, local_only: bool = False) -> int:
     else:
         cfg = json.loads(_hub_file(ref.source, "vae/config.json", local_only).read_text())
     return 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def default_guidance(name: str | None) -> float:
+    """The recommended guidance scale of a ``--model`` value: the alias's, else 7.5."""
+    alias = ALIASES.get(name) if name is not None else None
+    return alias.guidance if alias is not None else DEFAULT_GUIDANCE
 
 
 def default_resolution(ref: ModelRef, local_only: bool = False) -> int:

@@ -177,36 +177,29 @@ def toy_unet_config() -> dict[str, Any]:
     }
 
 
-def toy_scheduler_config() -> dict[str, Any]:
-    """PNDM with SD 2.1's settings (its default scheduler), v-prediction."""
+def _toy_noise_schedule() -> dict[str, Any]:
+    """SD 2.1's noise schedule and v-prediction, shared by the toy's schedulers."""
     return {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
         "beta_end": 0.012,
         "beta_schedule": "scaled_linear",
         "trained_betas": None,
-        "skip_prk_steps": True,
         "set_alpha_to_one": False,
         "prediction_type": "v_prediction",
         "timestep_spacing": "leading",
         "steps_offset": 1,
     }
+
+
+def toy_scheduler_config() -> dict[str, Any]:
+    """PNDM with SD 2.1's settings (its default scheduler), v-prediction."""
+    return {**_toy_noise_schedule(), "skip_prk_steps": True}
 
 
 def toy_ddim_config() -> dict[str, Any]:
     """DDIM with the same noise schedule as :func:`toy_scheduler_config`."""
-    return {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "trained_betas": None,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "prediction_type": "v_prediction",
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
-    }
+    return {**_toy_noise_schedule(), "clip_sample": False}
 
 
 def domain_clip_config() -> dict[str, Any]:

@@ -228,6 +228,8 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
         assert any(k in r for k in ("clip_easy", "clip_medium", "clip_hard", "clip_hardest"))
     assert rows[1]["macs_ratio"] == 1.0 and 0 < rows[0]["macs_ratio"] <= 1
     assert rows[0]["seconds_per_image"] > 0 and rows[2]["seconds_per_image"] is None
+    # unset guidance: the model's recommended scale (a local folder: 7.5), recorded per row
+    assert [r["guidance"] for r in rows] == [7.5, 7.5, 7.5, None]
     # the generated folder holds the same routed images as the run's own generation
     assert rows[2]["clip"] == pytest.approx(rows[0]["clip"], abs=1.0)
     assert (tmp_path / "eval" / "results.csv").is_file() and (tmp_path / "eval" / "results.json").is_file()

@@ -248,3 +248,22 @@ _TRAINING_RECIPES = {"toy-vae.yaml", "toy-teacher.yaml", "toy-clip.yaml"}
                          ids=lambda p: p.name)
 def test_shipped_recipes_validate(recipe):
     resolve_settings(recipe, env={})
+
+
+def test_guidance_defaults_to_the_models_recommended_scale(tmp_path):
+    from types import SimpleNamespace
+
+    from aptp.generate import ExpertPipeline
+    from aptp.models.registry import default_guidance
+    from aptp.settings import GenerateSettings
+
+    assert GenerateSettings().guidance is None
+    assert default_guidance("toy") == 3.0 and default_guidance("sd2.1") == 7.5
+    assert default_guidance(str(tmp_path)) == 7.5 and default_guidance(None) == 7.5  # folders, hub ids: 7.5
+    pipe = SimpleNamespace(unet=None)
+    assert ExpertPipeline(None, pipe, model="toy").guidance(GenerateSettings()) == 3.0
+    assert ExpertPipeline(None, pipe, model="sd2.1").guidance(GenerateSettings()) == 7.5
+    assert ExpertPipeline(None, pipe, model="toy").guidance(GenerateSettings(guidance=7.5)) == 7.5  # given wins
+    shapes = resolve_settings(REPO / "recipes" / "shapes.yaml", env={})
+    assert shapes.model.name == "toy" and shapes.generate.guidance is None
+    assert resolve_settings(REPO / "recipes" / "coco-base.yaml", env={}).generate.guidance == 7.5
