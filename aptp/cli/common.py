@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -17,8 +18,12 @@ from rich.console import Console
 from aptp.errors import AptpUserError
 from aptp.settings import Settings, resolve_settings
 
+# Piped or redirected output has no terminal width; rich would then squeeze tables into 80
+# columns and cut every cell ("run…"). Give it room unless COLUMNS says otherwise.
+_PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 240
+
 # machine-readable output goes to stdout, everything for humans to stderr
-out = Console(soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False, width=_PIPE_WIDTH)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 RecipeOpt = Annotated[

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,7 +73,12 @@ def test_route_from_stdin_jsonl_and_formats(run):
     assert all(0 <= r["expert"] < 4 and 0 < r["macs_ratio"] <= 1 and -1 <= r["similarity"] <= 1 for r in rows)
     csv_out = cli("route", str(run), "a red circle", "--format", "csv")
     assert csv_out.exit_code == 0 and csv_out.stdout.splitlines()[0] == "prompt,expert,macs_ratio,similarity"
-    assert cli("route", str(run), "a red circle", "--format", "table").exit_code == 0
+    # piped (no terminal, no COLUMNS): the table is not squeezed into 80 columns with cut cells
+    long = "the word SUN in white letters on a black background"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"HF_HUB_OFFLINE": "1"}
+    table = subprocess.run([sys.executable, "-m", "aptp", "route", str(run), "a red circle", long, "--format", "table"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and long in table.stdout, table.stdout + table.stderr
     # routing of a prompt does not depend on its batch or position
     prompts = [f"a {c} square" for c in ("red", "blue", "green", "yellow")] * 16
     batch = cli("route", str(run), *prompts)
