@@ -40,7 +40,7 @@ class Target:
 def run_path(target: str) -> Path | None:
     """The run directory a target names (``RUN`` or ``RUN@initial|finetuned``), else None."""
     base, sep, weights = target.rpartition("@")
-    p = Path(base if sep and weights in WEIGHTS else target).expanduser()
+    p = Path(base if sep and weights in WEIGHTS and not Path(target).expanduser().exists() else target).expanduser()
     return p if p.is_dir() and (p / "settings.yaml").is_file() else None
 
 
@@ -48,7 +48,7 @@ def classify(target: str) -> Target:
     """What a command-line target is. ``RUN_DIR@initial`` / ``RUN_DIR@finetuned`` pick a run's
     expert weights (before or after fine-tuning), so both can stand in one table."""
     base, sep, weights = target.rpartition("@")
-    if sep and weights in WEIGHTS:
+    if sep and weights in WEIGHTS and not Path(target).expanduser().exists():  # a folder named x@initial is a folder
         p = Path(base).expanduser()
         if not (p.is_dir() and (p / "settings.yaml").is_file()):
             raise AptpUserError(f"{target}: {base} is not a run directory (settings.yaml missing)")

@@ -267,3 +267,19 @@ def test_guidance_defaults_to_the_models_recommended_scale(tmp_path):
     shapes = resolve_settings(REPO / "recipes" / "shapes.yaml", env={})
     assert shapes.model.name == "toy" and shapes.generate.guidance is None
     assert resolve_settings(REPO / "recipes" / "coco-base.yaml", env={}).generate.guidance == 7.5
+
+
+def test_eval_targets_at_weights_and_folders_named_so(tmp_path):
+    from aptp.evaluate import classify, run_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.yaml").write_text("{}\n")
+    t = classify(f"{run}@initial")
+    assert (t.kind, t.path, t.weights) == ("run", str(run), "initial") and run_path(f"{run}@finetuned") == run
+    images = tmp_path / "gen@initial"  # an existing folder whose name only looks like RUN@weights
+    images.mkdir()
+    (images / "manifest.jsonl").write_text("")
+    assert classify(str(images)).kind == "images" and run_path(str(images)) is None
+    with pytest.raises(AptpUserError, match="not a run directory"):
+        classify(f"{tmp_path / 'missing'}@initial")
