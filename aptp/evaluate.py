@@ -37,25 +37,33 @@ class Target:
     weights: str = "auto"  # runs: auto (fine-tuned if present), initial (as materialized) or finetuned
 
 
+def _split_weights(target: str) -> tuple[Path, str | None]:
+    """(path, weights) of ``RUN@initial|finetuned``; (path, None) for anything else, including
+    an existing folder whose name merely ends so."""
+    base, sep, weights = target.rpartition("@")
+    if sep and weights in WEIGHTS and not Path(target).expanduser().exists():
+        return Path(base).expanduser(), weights
+    return Path(target).expanduser(), None
+
+
+def _is_run(p: Path) -> bool:
+    return p.is_dir() and (p / "settings.yaml").is_file()
+
+
 def run_path(target: str) -> Path | None:
     """The run directory a target names (``RUN`` or ``RUN@initial|finetuned``), else None."""
-    base, sep, weights = target.rpartition("@")
-    p = Path(base if sep and weights in WEIGHTS and not Path(target).expanduser().exists() else target).expanduser()
-    return p if p.is_dir() and (p / "settings.yaml").is_file() else None
+    p, _ = _split_weights(target)
+    return p if _is_run(p) else None
 
 
 def classify(target: str) -> Target:
     """What a command-line target is. ``RUN_DIR@initial`` / ``RUN_DIR@finetuned`` pick a run's
     expert weights (before or after fine-tuning), so both can stand in one table."""
-    base, sep, weights = target.rpartition("@")
-    if sep and weights in WEIGHTS and not Path(target).expanduser().exists():  # a folder named x@initial is a folder
-        p = Path(base).expanduser()
-        if not (p.is_dir() and (p / "settings.yaml").is_file()):
-            raise AptpUserError(f"{target}: {base} is not a run directory (settings.yaml missing)")
-        return Target(target, "run", str(p), weights)
-    p = Path(target).expanduser()
-    if p.is_dir() and (p / "settings.yaml").is_file():
-        return Target(target, "run", str(p))
+    p, weights = _split_weights(target)
+    if weights is not None and not _is_run(p):
+        raise AptpUserError(f"{target}: {p} is not a run directory (settings.yaml missing)")
+    if _is_run(p):
+        return Target(target, "run", str(p), weights or "auto")
     if p.is_dir() and ((p / "manifest.jsonl").is_file() or (p / "metadata.jsonl").is_file()):
         return Target(target, "images", str(p))
     from aptp.models.registry import resolve_model
@@ -197,7 +205,7 @@ def _read_images(t: Target, captions: list[str], resolution: int) -> tuple[list[
 def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None = None,
              on_target: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Evaluate every target on the same captions and real images; one result row per target."""
-    from aptp.metrics import PickScore, compute_metrics, resize_for_eval
+    from aptp.metrics import PickScore, compute_metrics
     from aptp.metrics.clip_score import clip_scores
 
     parsed = [classify(t) for t in targets]
@@ -225,7 +233,7 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
         row = {"target": t.name, "kind": t.kind, **info,
                **scores, "cmmd_estimator": e.cmmd_estimator}
         if tiers is not None and "clip" in e.metrics:
-            per = clip_scores([resize_for_eval(i, e.resolution) for i in images], captions, clip)
+            per = clip_scores(images, captions, clip)  # already at e.resolution
             for tier in dict.fromkeys(tiers):
                 mask = torch.tensor([x == tier for x in tiers])
                 row[f"clip_{tier}"] = float(per[mask].mean())
