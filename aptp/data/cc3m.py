@@ -11,10 +11,21 @@ the folder itself, never by its name):
    ``Train_GCC-training.tsv`` (split ``train``) or ``Validation_GCC-1.1.0-Validation.tsv``
    (split ``validation``). Each line is ``caption<TAB>url``, no header; an optional third
    column gives the image path relative to the root. Without it, the image of line ``r``
-   (0-based, counting every line, so numbers stay those of the official file) is
-   ``<folder>/<r>.jpg``, or ``<folder>/<r>`` without extension, where ``<folder>`` is the first
-   that exists of ``training/`` (``validation/`` for the validation split) and ``images/``.
-   Rows whose image was never downloaded are skipped and counted like any unreadable image.
+   (0-based, counting every line, so numbers stay those of the official file) is the first
+   file that exists of
+
+   - ``<folder>/<r>_<crc>`` — what the common downloader (igorbrigadir/DownloadConceptualCaptions,
+     also read by the official APTP code) writes: no extension, ``<crc>`` the unsigned CRC-32 of
+     the URL's UTF-8 bytes, in decimal;
+   - ``<folder>/<crc>`` — that downloader's earlier naming scheme;
+   - ``<folder>/<r>.jpg`` or ``<folder>/<r>`` (other scripts),
+
+   where ``<folder>`` is the first that exists of ``training/`` (``validation/`` for the
+   validation split) and ``images/``. The image type is read from the file's bytes, never from
+   its name. The downloader's ``downloaded_*_report.tsv(.gz)`` is not needed and is ignored.
+   Rows whose image was never downloaded, or whose file is not a readable image (a truncated
+   download, an HTML error page saved in its place), are skipped and counted like any
+   unreadable image.
 3. **img2dataset folders** — ``--output_format files``: numbered subfolders ``00000/``,
    ``00001/``, ... holding ``000000001.jpg`` with its caption in ``000000001.txt`` (and a
    ``.json`` that is ignored). Items are ordered by folder, then key.
@@ -28,6 +39,7 @@ from __future__ import annotations
 import array
 import logging
 import os
+import zlib
 from pathlib import Path
 
 from PIL import Image
@@ -108,6 +120,7 @@ class CC3MTsv(CaptionDataset):
             raise DataError(f"CC3M root {self.root} has no {TSV_FILES[self.split]}; pass the folder "
                             "that holds it as --data-root")
         self._rows = array.array("q")  # 0-based line number of each item, as downloaders name files
+        self._crcs = array.array("q")  # unsigned CRC-32 of each item's URL (-1: no URL)
         self._paths: list[str] | None = None  # third column, when the TSV has one
         paths: list[str] = []
         with open(self.tsv_path, encoding="utf-8", errors="replace") as handle:
@@ -121,6 +134,8 @@ class CC3MTsv(CaptionDataset):
                     continue
                 self._captions.append(caption)
                 self._rows.append(row)
+                url = fields[1] if len(fields) > 1 else ""  # as the TSV holds it: the downloader hashes that
+                self._crcs.append(zlib.crc32(url.encode("utf-8")) if url.strip() else -1)
                 paths.append(fields[2].strip() if len(fields) > 2 else "")
         if not self._captions:
             raise DataError(f"{self.tsv_path} has no captioned row (expected caption<TAB>url lines)")
@@ -129,8 +144,8 @@ class CC3MTsv(CaptionDataset):
             self.image_dir = self.root
         else:
             if any(paths):
-                logger.warning("%s: only some rows have an image path column; using %s for all",
-                               self.tsv_path, "<row>.jpg")
+                logger.warning("%s: only some rows have an image path column; looking in the image folder for all",
+                               self.tsv_path)
             folders = TSV_IMAGE_FOLDERS[self.split]
             found = next((self.root / f for f in folders if (self.root / f).is_dir()), None)
             if found is None:
@@ -138,15 +153,20 @@ class CC3MTsv(CaptionDataset):
                                 f"({' or '.join(f + '/' for f in folders)}); download the images first")
             self.image_dir = found
 
+    def candidate_names(self, index: int) -> list[str]:
+        """File names (in :attr:`image_dir`) that may hold item ``index``'s image, in the order tried."""
+        row, crc = self._rows[index], self._crcs[index]
+        names = [f"{row}_{crc}", str(crc)] if crc >= 0 else []
+        return names + [f"{row}.jpg", str(row)]
+
     def image_path(self, index: int) -> Path:
         """The file expected to hold item ``index``'s image (it may not exist)."""
         if self._paths is not None:
             return self.root / self._paths[index]
-        with_suffix = self.image_dir / f"{self._rows[index]}.jpg"
-        if with_suffix.exists():
-            return with_suffix
-        bare = self.image_dir / str(self._rows[index])
-        return bare if bare.exists() else with_suffix
+        names = self.candidate_names(index)
+        found = next((self.image_dir / n for n in names if (self.image_dir / n).is_file()), None)
+        # When nothing was downloaded, name the downloader's file: that is what is missing.
+        return found if found is not None else self.image_dir / names[0]
 
     def describe(self, index: int) -> str:
         return f"row {self._rows[index]} ({self.image_path(index)})"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.integration.test_prune import cli, common, emb_cache  # noqa: F401  (fixture)
-from tests.unit.test_data import cc3m_tsv_root, coco_root, shard_root  # noqa: F401  (fixtures)
+from tests.unit.test_data import cc3m_downloader_root, cc3m_tsv_root, coco_root, shard_root  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -18,10 +18,11 @@ def small(pipe, cache) -> list[str]:
     return args + ["--experts", "2"]
 
 
-@pytest.mark.parametrize("layout", ["coco", "cc3m-tsv", "cc3m-shards"])
+@pytest.mark.parametrize("layout", ["coco", "cc3m-tsv", "cc3m-shards", "cc3m-downloader"])
 def test_two_step_prune_on_each_layout(layout, request, tiny_pipeline_dir, emb_cache, tmp_path):  # noqa: F811
     fixture, name = {"coco": ("coco_root", "coco"), "cc3m-tsv": ("cc3m_tsv_root", "cc3m"),
-                     "cc3m-shards": ("shard_root", "cc3m")}[layout]
+                     "cc3m-shards": ("shard_root", "cc3m"),
+                     "cc3m-downloader": ("cc3m_downloader_root", "cc3m")}[layout]
     root = request.getfixturevalue(fixture)
     run = tmp_path / "run"
     res = cli(*small(tiny_pipeline_dir, emb_cache), "--data", name, "--data-root", str(root), "--output", str(run))
@@ -32,6 +33,7 @@ def test_two_step_prune_on_each_layout(layout, request, tiny_pipeline_dir, emb_c
     assert routing["num_codes"] == 2
     if layout != "coco":  # the CC3M fixtures hold a missing and a truncated image: skipped, counted
         assert routing["skipped_images"] > 0
+        assert f"skipped unreadable images: {routing['skipped_images']}" in res.stdout
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny_pipeline_dir, emb_cache, tmp_path):  # noqa: F811

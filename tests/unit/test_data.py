@@ -129,6 +129,49 @@ def cc3m_tsv_root(tmp_path: Path) -> Path:
     return root
 
 
+# The layout igorbrigadir/DownloadConceptualCaptions leaves: training/<row>_<crc32(url)> and
+# validation/<row>_<crc32(url)>, without extension, beside the two official TSVs and its reports.
+DOWNLOADER_ROWS = {
+    "train": [("a very typical bus station", "jpeg", COLOURS[0]),
+              ("sierra looked stunning in this top", "png", COLOURS[1]),
+              ("young confused girl in front of a wardrobe", None, None),  # never downloaded
+              ("interior design of modern living room", "jpeg", COLOURS[2]),
+              ("cybernetic scene isolated on white background", "truncated", None),
+              ("a dead link that returned a web page", "html", None)],
+    "validation": [("author : a life in photography", "png", COLOURS[3]),
+                   ("a missing validation image", None, None),
+                   ("the player celebrates a goal", "jpeg", COLOURS[4])],
+}
+
+
+def downloader_name(row: int, url: str) -> str:
+    import zlib
+
+    return f"{row}_{zlib.crc32(url.encode('utf-8')) & 0xffffffff}"
+
+
+@pytest.fixture()
+def cc3m_downloader_root(tmp_path: Path) -> Path:
+    root = tmp_path / "DownloadConceptualCaptions"
+    for split, tsv, folder in [("train", "Train_GCC-training.tsv", "training"),
+                               ("validation", "Validation_GCC-1.1.0-Validation.tsv", "validation")]:
+        (root / folder).mkdir(parents=True)
+        lines, report = [], []
+        for row, (caption, kind, colour) in enumerate(DOWNLOADER_ROWS[split]):
+            url = f"https://images.example.com/{split}/{row}/photo.jpg?w=800&h=600"
+            lines.append(f"{caption}\t{url}")
+            name = downloader_name(row, url)
+            data = {"jpeg": lambda: jpeg_bytes(colour), "png": lambda: _png_bytes(colour),
+                    "truncated": truncated_jpeg, "html": lambda: b"<html><body>404</body></html>",
+                    None: lambda: None}[kind]()
+            if data is not None:
+                (root / folder / name).write_bytes(data)
+            report.append(f"{url}\t{folder}\t{200 if data else 404}\t\t\t{folder}/{name if data else ''}\t{{}}")
+        (root / tsv).write_text("\n".join(lines) + "\n")
+        (root / f"downloaded_{folder}_report.tsv").write_text("\n".join(report) + "\n")
+    return root
+
+
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -254,6 +297,48 @@ def test_cc3m_skipped_total_is_exact_with_workers(cc3m_tsv_root):
     assert sum(len(b["caption"]) for b in batches) == len(ds)
     assert ds.skipped == 0  # the counting happened in the workers: the per-item field is what counts
     assert ds.scan() == [2, 4] and ds.skipped == 2
+
+
+def test_cc3m_downloader_layout_both_splits(cc3m_downloader_root):
+    train = build_dataset(settings("cc3m", cc3m_downloader_root))
+    assert isinstance(train, CC3MTsv) and train.image_dir.name == "training"
+    assert train.captions() == [c for c, _, _ in DOWNLOADER_ROWS["train"]]
+    items = check_items(train)
+    # Row 2 (missing) stands in with row 3; rows 4 (truncated) and 5 (an HTML page) wrap to row 0.
+    assert [item["index"] for item in items] == [0, 1, 3, 3, 0, 0]
+    assert [item["skipped"] for item in items] == [0, 0, 1, 0, 1, 1]
+    assert train.skipped == 3 and sorted(train.unreadable) == [2, 4, 5]
+    for item, (_, _, colour) in zip(items, DOWNLOADER_ROWS["train"]):
+        if not item["skipped"]:
+            assert close_colour(mean_rgb(item["pixel_values"]), colour)
+    assert "training/2_" in train.describe(2)  # the message names the file the downloader would write
+
+    val = build_dataset(settings("cc3m", cc3m_downloader_root, split="validation"))
+    assert isinstance(val, CC3MTsv) and val.image_dir.name == "validation"
+    items = check_items(val)
+    assert [item["index"] for item in items] == [0, 2, 2]
+    assert [item["skipped"] for item in items] == [0, 1, 0]
+    assert close_colour(mean_rgb(items[0]["pixel_values"]), COLOURS[3])
+    loader = DataLoader(train, batch_size=2, num_workers=0, shuffle=False)
+    assert sum(int(b["skipped"].sum()) for b in loader) == 3
+
+
+def test_cc3m_downloader_earlier_naming_and_plain_row_names(tmp_path):
+    root = tmp_path / "cc3m"
+    (root / "validation").mkdir(parents=True)
+    urls = [f"http://example.com/{i}.jpg" for i in range(3)]
+    captions = ["old scheme: crc only", "row with extension", "row without extension"]
+    (root / "Validation_GCC-1.1.0-Validation.tsv").write_text(
+        "".join(f"{c}\t{u}\n" for c, u in zip(captions, urls)))
+    crc0 = downloader_name(0, urls[0]).split("_")[1]
+    (root / "validation" / crc0).write_bytes(jpeg_bytes(COLOURS[0]))
+    (root / "validation" / "1.jpg").write_bytes(jpeg_bytes(COLOURS[1]))
+    (root / "validation" / "2").write_bytes(_png_bytes(COLOURS[2]))
+    ds = build_dataset(settings("cc3m", root, split="val"))
+    items = check_items(ds)
+    assert [item["skipped"] for item in items] == [0, 0, 0]
+    for item, colour in zip(items, COLOURS):
+        assert close_colour(mean_rgb(item["pixel_values"]), colour)
 
 
 def test_cc3m_img2dataset_folders(tmp_path):
