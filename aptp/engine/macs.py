@@ -4,14 +4,17 @@ Convention (DESIGN.md §3): one U-Net forward, batch 1, ``text_len`` text tokens
 counting convolutions, linear layers and attention matmuls (cross-attention keys have the text
 length); norms and element-wise operations are excluded.
 
-*Analytic* MACs are an exact bilinear function of the architecture vector::
+*Analytic* MACs are an exact polynomial of the architecture vector, linear in each entry::
 
-    MACs(v) = c0 + Σ_d u_d · c_d + Σ_i w_i · v_i · (u_{d(i)} if unit i lies in depth block d(i) else 1)
+    MACs(v) = c0 + Σ_i coef_i · v_i · Π_{d ∈ gates(i)} u_d
 
-where ``w_i`` is the MACs of one width unit (every conv/linear row or column and attention
-matmul it owns), ``c_d`` the fixed MACs of depth block ``d`` and ``c0`` everything else. The
-coefficients come from the layer shapes recorded in one forward pass on the *meta* device, so the
-function is differentiable in soft vectors (for the resource loss) and costs one matmul.
+where ``coef_i`` is the MACs of width unit ``i`` (every conv/linear row or column and attention
+matmul it owns) or, at a depth entry, the fixed MACs of that depth block (its layers not tied to a
+width unit), ``gates(i)`` the depth units enclosing entry ``i`` (none, one, or — for an inner
+transformer block of SDXL inside a skippable ``Transformer2DModel`` — a chain of two), and ``c0``
+everything else. With at most one enclosing gate (SD 1.x / 2.x) this is the bilinear model of the
+paper. The coefficients come from the layer shapes recorded in one forward pass on the *meta*
+device, so the function is differentiable in soft vectors (for the resource loss) and cheap.
 
 *Counted* MACs run ``torch.utils.flop_counter.FlopCounterMode`` over a model on the meta device
 (on real CPU tensors torch charges the SDPA kernel 0 FLOPs). Tests check both agree.
@@ -27,6 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from aptp.engine.space import ArchSpace
+from aptp.models.conditioning import dummy_conditioning, unet_forward
 
 
 def meta_clone(module: nn.Module) -> nn.Module:
@@ -39,12 +43,13 @@ def meta_clone(module: nn.Module) -> nn.Module:
 
 
 def _dummy_inputs(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int, batch: int = 1):
+    """(sample, timestep, Conditioning) on the meta device; SDXL's added conditioning included."""
     h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
     cfg = unet.config
     sample = torch.zeros(batch, cfg.in_channels, h, w, device="meta")
-    text = torch.zeros(batch, text_len, cfg.cross_attention_dim, device="meta")
+    cond = dummy_conditioning(cfg, batch, text_len, device="meta", latent_size=(h, w))
     t = torch.ones(batch, device="meta")
-    return sample, t, text
+    return sample, t, cond
 
 
 def count_macs(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int = 77,
@@ -54,9 +59,9 @@ def count_macs(unet: nn.Module, latent_size: int | tuple[int, int], text_len: in
     Returns the total, or with ``by_op`` a dict ``{"conv": .., "linear": .., "attention": .., "total": ..}``.
     """
     model = meta_clone(unet)
-    sample, t, text = _dummy_inputs(model, latent_size, text_len)
+    sample, t, cond = _dummy_inputs(model, latent_size, text_len)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(sample, t, text)
+        unet_forward(model, sample, t, cond)
     total = counter.get_total_flops() / 2
     if not by_op:
         return float(total)
@@ -74,7 +79,8 @@ class MacsModel:
     Attributes:
         c0: MACs outside every unit and every depth block.
         unit_macs: (D,) MACs of each width unit (0 at depth entries).
-        depth_of: (D,) vector index of the depth unit containing each entry, or -1.
+        depth_of: (D,) vector index of the innermost depth unit enclosing each entry, or -1
+            (at a depth entry: the depth unit enclosing that block, -1 unless nested).
         depth_pos: (K,) vector indices of the depth units.
         depth_const: (K,) fixed MACs of each depth block (its layers not tied to a width unit).
         full: MACs of the whole model (all ones).
@@ -92,21 +98,38 @@ class MacsModel:
     def full(self) -> float:
         return float(self(torch.ones(1, self.unit_macs.numel(), dtype=torch.float64))[0])
 
+    def _chain(self) -> list[torch.Tensor]:
+        """Ancestor indices per nesting level: level 0 = ``depth_of``, level 1 = its parent, ..."""
+        levels, idx = [], self.depth_of
+        while bool((idx >= 0).any()):
+            levels.append(idx)
+            idx = torch.where(idx >= 0, self.depth_of[idx.clamp_min(0)], idx)
+        return levels
+
+    def coefficients(self) -> torch.Tensor:
+        """(D,) MACs of each entry when it and every gate around it are 1 (width and depth)."""
+        coef = self.unit_macs.clone()
+        if self.depth_pos.numel():
+            coef[self.depth_pos] = coef[self.depth_pos] + self.depth_const.to(coef)
+        return coef
+
+    def multipliers(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, D) product of the depth gates enclosing each entry (1 outside depth blocks)."""
+        mult = torch.ones_like(v)
+        for idx in self._chain():
+            has = idx >= 0
+            gate = torch.ones_like(v)
+            gate[:, has] = v[:, idx[has]]
+            mult = mult * gate
+        return mult
+
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
         """MACs of each architecture vector in a (B, D) or (D,) batch; differentiable."""
         v = vector if vector.ndim == 2 else vector.unsqueeze(0)
         if v.shape[-1] != self.unit_macs.numel():
             raise ValueError(f"architecture vector has {v.shape[-1]} entries, the space has {self.unit_macs.numel()}")
-        w = self.unit_macs.to(v)
-        # multiplier of each unit: its depth gate, or 1 outside depth blocks
-        has_depth = self.depth_of >= 0
-        mult = torch.ones_like(v)
-        if has_depth.any():
-            mult = mult.clone()
-            mult[:, has_depth] = v[:, self.depth_of[has_depth]]
-        width = (v * w * mult).sum(-1)
-        depth = (v[:, self.depth_pos] * self.depth_const.to(v)).sum(-1) if self.depth_pos.numel() else 0
-        return self.c0 + width + depth
+        coef = self.coefficients().to(v)
+        return self.c0 + (v * coef * self.multipliers(v)).sum(-1)
 
     def ratio(self, vector: torch.Tensor) -> torch.Tensor:
         """MACs of ``vector`` as a fraction of the full model's."""
@@ -114,19 +137,11 @@ class MacsModel:
 
     def block_macs(self, space: ArchSpace, vector: torch.Tensor) -> dict[str, float]:
         """Variable MACs (units and depth blocks; not ``c0``) per top-level block, for one vector."""
-        v = space.check_vector(vector.detach().double().cpu())[0]
+        v = space.check_vector(vector.detach().double().cpu())
+        per_entry = (v * self.coefficients().double() * self.multipliers(v))[0]
         out: dict[str, float] = {}
-        w = self.unit_macs.double()
         for seg in space.segments:
-            sl = slice(seg.offset, seg.stop)
-            if seg.kind == "depth":
-                k = int((self.depth_pos == seg.offset).nonzero()[0, 0])
-                val = float(v[seg.offset] * self.depth_const[k])
-            else:
-                d = int(self.depth_of[seg.offset])
-                gate = float(v[d]) if d >= 0 else 1.0
-                val = float((v[sl] * w[sl]).sum() * gate)
-            out[seg.block] = out.get(seg.block, 0.0) + val
+            out[seg.block] = out.get(seg.block, 0.0) + float(per_entry[seg.offset : seg.stop].sum())
         return out
 
 
@@ -154,9 +169,9 @@ def _record_shapes(unet: nn.Module, latent_size, text_len: int) -> tuple[dict[st
                 attn_len[name] = (b, n, mlen)
             handles.append(mod.register_forward_hook(attn_hook, with_kwargs=True))
     try:
-        sample, t, text = _dummy_inputs(unet, latent_size, text_len)
+        sample, t, cond = _dummy_inputs(unet, latent_size, text_len)
         with torch.no_grad():
-            unet(sample, t, text)
+            unet_forward(unet, sample, t, cond)
     finally:
         for h in handles:
             h.remove()
@@ -211,14 +226,17 @@ def build_macs_model(unet: nn.Module, space: ArchSpace, latent_size: int | tuple
             inner = mod.net[2].in_features
             per_channel = take(f"{p}.net.0.proj") / inner + take(f"{p}.net.2") / inner
         unit_macs[seg.offset : seg.stop] = per_channel * seg.unit_width
+    for seg in space.segments:
         if seg.depth_segment >= 0:
             depth_of[seg.offset : seg.stop] = space.segments[seg.depth_segment].offset
+    # a layer no unit owns belongs to the innermost depth block containing it, else to c0
+    by_length = sorted(range(len(depth_segments)), key=lambda k: -len(depth_segments[k].module))
     c0 = 0.0
     for name, macs in leaf.items():
         if name in claimed:
             continue
-        for k, seg in enumerate(depth_segments):
-            if name.startswith(seg.module + "."):
+        for k in by_length:
+            if name.startswith(depth_segments[k].module + "."):
                 depth_const[k] += macs
                 break
         else:

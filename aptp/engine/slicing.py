@@ -8,8 +8,9 @@ model that is filled afterwards): nothing is re-initialised.
 One slicer per unit kind, each doing the paired out/in operation on the stock diffusers modules
 and updating the derived attributes (``heads``, ``inner_dim``, ...). Layers that lose every unit
 are replaced by a tiny module computing exactly what the gated layer computes when all its units
-are zero (the output bias), and skipped depth blocks by an identity module; those three modules
-are the only classes of ours a sliced U-Net contains.
+are zero (the output bias), and skipped depth blocks by an identity module (a ResBlock, a
+``Transformer2DModel``, or one residual ``BasicTransformerBlock`` inside a multi-block
+transformer); those modules are the only classes of ours a sliced U-Net contains.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ class SkippedTransformer(nn.Module):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=hidden_states)
+
+
+class SkippedTransformerBlock(nn.Module):
+    """A residual ``BasicTransformerBlock`` removed by depth pruning (inside a multi-block
+    ``Transformer2DModel``, as in SDXL): the identity on its hidden states."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return hidden_states
 
 
 class ZeroWidthResnet(nn.Module):
@@ -128,21 +137,20 @@ def binarize(vector: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 def plan_from_vector(space: ArchSpace, vector: torch.Tensor, threshold: float = 0.5) -> SlicePlan:
     """Turn one architecture vector (D,) into a slicing plan.
 
-    Width units inside a skipped depth block are left out of the plan: the block is gone.
+    Width units inside a skipped depth block, and depth blocks inside a skipped one, are left out
+    of the plan: the block is gone.
     """
     v = space.check_vector(vector.detach().float().cpu())
     if v.shape[0] != 1:
         raise ValueError(f"plan_from_vector takes one vector, got a batch of {v.shape[0]}")
     hard = binarize(v[0], threshold)
     ops: list[dict] = []
-    skipped = {s.module for s in space.segments if s.kind == "depth" and hard[s.offset] == 0}
     for seg in space.segments:
+        if not space.is_live(seg, hard):
+            continue  # an enclosing block is skipped
         if seg.kind == "depth":
-            if seg.module in skipped:
+            if hard[seg.offset] == 0:
                 ops.append({"module": seg.module, "op": "skip"})
-            continue
-        depth_module = space.segments[seg.depth_segment].module if seg.depth_segment >= 0 else None
-        if depth_module in skipped:
             continue
         keep = torch.nonzero(hard[seg.offset : seg.stop]).flatten().tolist()
         if len(keep) == seg.size:
@@ -256,7 +264,12 @@ def apply_plan(unet: nn.Module, plan: SlicePlan) -> nn.Module:
         path, kind = op["module"], op["op"]
         mod = unet.get_submodule(path)
         if kind == "skip":
-            new = SkippedResnet(mod.out_channels) if hasattr(mod, "conv1") else SkippedTransformer()
+            if hasattr(mod, "conv1"):
+                new = SkippedResnet(mod.out_channels)
+            elif type(mod).__name__ == "BasicTransformerBlock":
+                new = SkippedTransformerBlock()
+            else:
+                new = SkippedTransformer()
         elif kind == "resnet_channels":
             new = slice_resnet(mod, op["keep"], op["unit_width"])
         elif kind == "heads":

@@ -6,12 +6,21 @@ A *unit* is one thing a pruning vector can keep or drop:
   norm2 group, conv2 input columns);
 - ``self_attn_heads`` / ``cross_attn_heads``: one attention head of ``attn1`` / ``attn2``;
 - ``ffn_channels``: one group of GEGLU inner channels of a transformer block's feed-forward;
-- ``depth``: a whole ResBlock or ``Transformer2DModel`` that can be replaced by the identity.
+- ``depth``: a whole ResBlock or ``Transformer2DModel`` that can be replaced by the identity, and,
+  in a ``Transformer2DModel`` holding several ``BasicTransformerBlock``s (SDXL: 2 and 10), each of
+  those inner blocks (they are residual, so skipping one is the identity; KOALA / LAPTOP-Diff).
+  An inner block inside a skippable ``Transformer2DModel`` is under both gates: its depth
+  segment's ``depth_segment`` points at the enclosing one, so gates nest as a chain.
 
 The vector order is stable and documented (docs/architecture-space.md): width segments in
 execution order (down blocks, mid block, up blocks; inside a block layer by layer: the ResBlock,
 then for each transformer block ``attn1``, ``attn2``, ``ff``), then all depth segments in the same
-order. ``arch_space.json`` stores the segments so any later command can read a vector back.
+order (a ``Transformer2DModel``'s own depth unit before its inner blocks'). ``arch_space.json``
+stores the segments so any later command can read a vector back.
+
+Only U-Nets made of the standard SD blocks are supported; anything else (another block type, an
+inpainting U-Net, class conditioning, a non-GEGLU feed-forward, ...) raises
+:class:`UnsupportedUNetError`, a one-line user error naming what is unsupported.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from aptp.errors import AptpUserError
 
 KINDS = ("resnet_channels", "self_attn_heads", "cross_attn_heads", "ffn_channels", "depth")
 DEPTH_POLICIES = ("paper", "none")
@@ -40,8 +51,10 @@ class Segment:
         size: number of units.
         unit_width: channels per unit (GroupNorm group size, head size, FFN group size; 1 for depth).
         block: the top-level block the module lives in (``down_blocks.0``, ``mid_block``, ...).
-        depth_segment: index (in ``ArchSpace.segments``) of the depth segment whose block contains
-            this module, or -1 when the module can not be skipped.
+        depth_segment: index (in ``ArchSpace.segments``) of the innermost depth segment whose block
+            contains this module, or -1 when no enclosing block can be skipped. For a depth
+            segment: the depth segment enclosing it (an inner transformer block inside a skippable
+            ``Transformer2DModel``), or -1.
     """
 
     kind: str
@@ -93,6 +106,19 @@ class ArchSpace:
             if s.kind == "depth":
                 m[s.offset : s.stop] = True
         return m
+
+    def gate_chain(self, seg: Segment) -> list[int]:
+        """Vector indices of the depth units enclosing ``seg``, innermost first (not ``seg`` itself)."""
+        chain = []
+        i = seg.depth_segment
+        while i >= 0:
+            chain.append(self.segments[i].offset)
+            i = self.segments[i].depth_segment
+        return chain
+
+    def is_live(self, seg: Segment, hard: torch.Tensor) -> bool:
+        """Whether every depth unit enclosing ``seg`` is kept in the (D,) vector ``hard`` (>= 0.5)."""
+        return all(float(hard[i]) >= 0.5 for i in self.gate_chain(seg))
 
     def check_vector(self, vector: torch.Tensor) -> torch.Tensor:
         """Return ``vector`` as (B, D); raise ValueError naming both sizes if D does not match."""
@@ -188,6 +214,76 @@ def _is_skippable(path: str, kind: str, module: nn.Module, unet: nn.Module, is_l
     return len(up.resnets) > 1
 
 
+class UnsupportedUNetError(AptpUserError, ValueError):
+    """A U-Net the engine can not gate or slice; the message names what is unsupported."""
+
+
+DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
+UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+
+
+def check_unet_config(config, name: str = "the U-Net") -> None:
+    """Refuse, before anything is built, a U-Net config the engine can not handle.
+
+    Raises:
+        UnsupportedUNetError: one line naming the unsupported part.
+    """
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    cls = get("_class_name", "UNet2DConditionModel")
+    if cls not in (None, "UNet2DConditionModel"):
+        raise UnsupportedUNetError(f"{name}: a {cls} is not supported; aptp prunes UNet2DConditionModel U-Nets "
+                                   f"(SD 1.x, SD 2.x, SDXL)")
+
+    def refuse(what: str) -> None:
+        raise UnsupportedUNetError(f"{name}: {what} is not supported (aptp prunes the SD 1.x / 2.x / SDXL "
+                                   f"text-to-image U-Net layout)")
+
+    for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        for t in get(key) or ():
+            if t not in allowed:
+                refuse(f"{key[:-12]} block type {t!r}")
+    if get("mid_block_type", "UNetMidBlock2DCrossAttn") not in MID_BLOCKS:
+        refuse(f"mid block type {get('mid_block_type')!r}")
+    cin, cout = get("in_channels", 4), get("out_channels", 4)
+    if cin != cout:
+        refuse(f"in_channels={cin} != out_channels={cout} (an inpainting or otherwise extra-input U-Net)")
+    if get("addition_embed_type") not in (None, "text_time"):
+        refuse(f"addition_embed_type={get('addition_embed_type')!r}")
+    if get("class_embed_type") is not None or get("num_class_embeds") is not None:
+        refuse("class conditioning (class_embed_type / num_class_embeds)")
+    if get("encoder_hid_dim_type") is not None:
+        refuse(f"encoder_hid_dim_type={get('encoder_hid_dim_type')!r}")
+    if get("dual_cross_attention", False):
+        refuse("dual_cross_attention")
+    only_cross = get("only_cross_attention", False)
+    if only_cross is True or (isinstance(only_cross, (list, tuple)) and any(only_cross)):
+        refuse("only_cross_attention")
+    if get("attention_type", "default") != "default":
+        refuse(f"attention_type={get('attention_type')!r}")
+
+
+def check_unet(unet: nn.Module) -> None:
+    """:func:`check_unet_config` plus the module types the gates and slicers rely on."""
+    cfg = getattr(unet, "config", None)
+    if cfg is not None:
+        check_unet_config(cfg)
+    for path, kind, mod, _, _ in iter_layers(unet):
+        if kind == "resnet":
+            if type(mod).__name__ != "ResnetBlock2D":
+                raise UnsupportedUNetError(f"{path}: a {type(mod).__name__} is not supported (ResnetBlock2D only)")
+            continue
+        if type(mod).__name__ != "Transformer2DModel":
+            raise UnsupportedUNetError(f"{path}: a {type(mod).__name__} is not supported (Transformer2DModel only)")
+        for t, tb in enumerate(mod.transformer_blocks):
+            tpath = f"{path}.transformer_blocks.{t}"
+            if type(tb).__name__ != "BasicTransformerBlock":
+                raise UnsupportedUNetError(f"{tpath}: a {type(tb).__name__} is not supported (BasicTransformerBlock only)")
+            act = type(tb.ff.net[0]).__name__
+            if act != "GEGLU":
+                raise UnsupportedUNetError(f"{tpath}.ff: a {act} feed-forward is not supported (GEGLU only)")
+
+
 def build_space(unet: nn.Module, ffn_groups: int = 32, depth_policy: str = "paper") -> ArchSpace:
     """Enumerate the prunable units of a diffusers ``UNet2DConditionModel``.
 
@@ -197,23 +293,25 @@ def build_space(unet: nn.Module, ffn_groups: int = 32, depth_policy: str = "pape
     Args:
         unet: the U-Net.
         ffn_groups: number of units each transformer block's GEGLU inner width is split into.
-        depth_policy: ``paper`` (last ResBlock and last transformer of each down/up block) or
-            ``none`` (width only).
+        depth_policy: ``paper`` (last ResBlock and last transformer of each down/up block, and
+            every inner block of a multi-block transformer) or ``none`` (width only).
 
     Raises:
+        UnsupportedUNetError: a U-Net the engine can not handle.
         ValueError: unknown policy, or a width not divisible into the requested groups.
     """
     if depth_policy not in DEPTH_POLICIES:
         raise ValueError(f"depth_policy must be one of {DEPTH_POLICIES}, got {depth_policy!r}")
     if ffn_groups < 1:
         raise ValueError(f"ffn_groups must be >= 1, got {ffn_groups}")
+    check_unet(unet)
     width: list[dict] = []
     depth: list[dict] = []
     for path, kind, mod, block, last in iter_layers(unet):
         depth_idx = -1
         if depth_policy == "paper" and _is_skippable(path, kind, mod, unet, last):
             depth_idx = len(depth)
-            depth.append(dict(kind="depth", module=path, size=1, unit_width=1, block=block))
+            depth.append(dict(kind="depth", module=path, size=1, unit_width=1, block=block, parent=-1))
         if kind == "resnet":
             groups = mod.norm2.num_groups
             width.append(
@@ -221,15 +319,20 @@ def build_space(unet: nn.Module, ffn_groups: int = 32, depth_policy: str = "pape
                      unit_width=mod.conv1.out_channels // groups, block=block, depth=depth_idx)
             )
             continue
+        nested = depth_policy == "paper" and len(mod.transformer_blocks) > 1
         for t, tb in enumerate(mod.transformer_blocks):
             tpath = f"{path}.transformer_blocks.{t}"
+            inner_idx = depth_idx
+            if nested:  # each residual BasicTransformerBlock can be skipped on its own
+                inner_idx = len(depth)
+                depth.append(dict(kind="depth", module=tpath, size=1, unit_width=1, block=block, parent=depth_idx))
             for name, k in (("attn1", "self_attn_heads"), ("attn2", "cross_attn_heads")):
                 attn = getattr(tb, name, None)
                 if attn is None:
                     continue
                 width.append(
                     dict(kind=k, module=f"{tpath}.{name}", size=attn.heads,
-                         unit_width=attn.inner_dim // attn.heads, block=block, depth=depth_idx)
+                         unit_width=attn.inner_dim // attn.heads, block=block, depth=inner_idx)
                 )
             ff_inner = tb.ff.net[2].in_features
             if ff_inner % ffn_groups:
@@ -238,7 +341,7 @@ def build_space(unet: nn.Module, ffn_groups: int = 32, depth_policy: str = "pape
                 )
             width.append(
                 dict(kind="ffn_channels", module=f"{tpath}.ff", size=ffn_groups,
-                     unit_width=ff_inner // ffn_groups, block=block, depth=depth_idx)
+                     unit_width=ff_inner // ffn_groups, block=block, depth=inner_idx)
             )
     segments: list[Segment] = []
     offset = 0
@@ -248,6 +351,7 @@ def build_space(unet: nn.Module, ffn_groups: int = 32, depth_policy: str = "pape
         segments.append(Segment(offset=offset, depth_segment=(n_width + d) if d >= 0 else -1, **w))
         offset += w["size"]
     for d in depth:
-        segments.append(Segment(offset=offset, **d))
+        parent = d.pop("parent")
+        segments.append(Segment(offset=offset, depth_segment=(n_width + parent) if parent >= 0 else -1, **d))
         offset += 1
     return ArchSpace(segments=segments, ffn_groups=ffn_groups, depth_policy=depth_policy)

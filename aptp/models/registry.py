@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aptp.engine.space import UnsupportedUNetError, check_unet_config
 from aptp.errors import ModelNotFoundError
 
 
@@ -40,6 +41,7 @@ class Alias:
     local_path: str | None = None  # for models shipped inside the package
     text_len: int = 77  # tokens per prompt (the tokenizer's model_max_length)
     guidance: float = DEFAULT_GUIDANCE  # recommended classifier-free guidance scale
+    pipeline_class: str = "StableDiffusionPipeline"  # the diffusers pipeline its folder holds
 
 
 ALIASES: dict[str, Alias] = {
@@ -62,7 +64,27 @@ ALIASES: dict[str, Alias] = {
         prediction_type="v_prediction",
         description="Stable Diffusion 2.1 (768-v), 865.9M-parameter U-Net",
     ),
+    "sd1.5": Alias(
+        hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        unet_config="sd1.5-unet.json",
+        vae_scale_factor=8,
+        resolution=512,
+        prediction_type="epsilon",
+        description="Stable Diffusion 1.5, 859.5M-parameter U-Net",
+    ),
+    "sdxl": Alias(
+        hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+        unet_config="sdxl-unet.json",
+        vae_scale_factor=8,
+        resolution=1024,
+        prediction_type="epsilon",
+        guidance=5.0,  # StableDiffusionXLPipeline's default guidance_scale
+        pipeline_class="StableDiffusionXLPipeline",
+        description="Stable Diffusion XL base 1.0, 2,567.5M-parameter U-Net (two text encoders, text_time conditioning)",
+    ),
 }
+
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -141,15 +163,51 @@ def _missing_weights_message(repo: str, what: str, exc: Exception | None = None)
 
 
 def unet_config(ref: ModelRef, local_only: bool = False) -> dict:
-    """The U-Net config of a model, offline for aliases with a shipped config."""
+    """The U-Net config of a model, offline for aliases with a shipped config.
+
+    Raises:
+        ModelNotFoundError: the folder has no U-Net config (or an unreadable one).
+        UnsupportedUNetError: a U-Net the engine can not handle (one line naming what).
+    """
     if ref.alias is not None and ref.alias.unet_config is not None:
         text = (resources.files("aptp.models") / "configs" / ref.alias.unet_config).read_text()
-        return json.loads(text)
-    if ref.kind == "alias" or ref.kind == "folder":
+        cfg = json.loads(text)
+    elif ref.kind == "alias" or ref.kind == "folder":
         root = Path(ref.source)
         path = root / "config.json" if ref.unet_subfolder is None else root / "unet" / "config.json"
-        return json.loads(path.read_text())
-    return json.loads(_hub_file(ref.source, "unet/config.json", local_only).read_text())
+        if not path.is_file():
+            cls = _pipeline_class_name(ref)
+            raise ModelNotFoundError(
+                f"--model {ref.name}: {path} is missing" + (f" (a {cls} has no U-Net)" if cls else "")
+                + "; aptp prunes the UNet2DConditionModel of SD 1.x / 2.x / SDXL pipelines")
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"--model {ref.name}: {path} is not a readable JSON config ({exc})"
+                                     .splitlines()[0]) from None
+    else:
+        cfg = json.loads(_hub_file(ref.source, "unet/config.json", local_only).read_text())
+    if not isinstance(cfg, dict):
+        raise ModelNotFoundError(f"--model {ref.name}: its U-Net config is not a JSON object")
+    check_unet_config(cfg, f"--model {ref.name}")
+    return cfg
+
+
+def _pipeline_class_name(ref: ModelRef, local_only: bool = False) -> str | None:
+    """``_class_name`` of the model's ``model_index.json`` (None for a bare U-Net folder)."""
+    if ref.alias is not None and ref.alias.local_path is None:
+        return ref.alias.pipeline_class
+    if ref.source is None:
+        return None
+    if Path(ref.source).is_dir():
+        index = Path(ref.source) / "model_index.json"
+        if not index.is_file():
+            return None
+        try:
+            return json.loads(index.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            raise ModelNotFoundError(f"--model {ref.name}: {index} is not a readable JSON file") from None
+    return json.loads(_hub_file(ref.source, "model_index.json", local_only).read_text()).get("_class_name")
 
 
 def vae_scale_factor(ref: ModelRef, local_only: bool = False) -> int:
@@ -198,6 +256,8 @@ def load_unet(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: boo
 
     if ref.source is None:
         raise ModelNotFoundError(f"--model {ref.name}: no weights are known for this alias")
+    if ref.kind == "folder":
+        unet_config(ref, local_only)  # refuse an unsupported U-Net before loading its weights
     kwargs = dict(dtype=dtype, revision=revision)
     if ref.unet_subfolder is not None:
         kwargs["subfolder"] = ref.unet_subfolder
@@ -213,8 +273,10 @@ def load_unet(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: boo
 
 def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: bool = False,
                   revision: str | None = None):
-    """Load the whole ``StableDiffusionPipeline`` (VAE, text encoder, tokenizer, scheduler, U-Net)."""
-    from diffusers import StableDiffusionPipeline
+    """Load the whole pipeline (VAE, text encoder(s), tokenizer(s), scheduler, U-Net): a
+    ``StableDiffusionPipeline`` or, when ``model_index.json`` names it (or the alias is ``sdxl``),
+    a ``StableDiffusionXLPipeline``."""
+    import diffusers
 
     if ref.source is None or ref.unet_subfolder is None:
         raise ModelNotFoundError(f"--model {ref.name}: a full pipeline folder is needed, not a bare U-Net")
@@ -222,7 +284,15 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only:
         raise ModelNotFoundError(
             f"--model {ref.name}: its weights are not installed at {ref.source}; train them with "
             f"recipes/toy-*.yaml (python -m aptp.train.toy ...) and export, or pass --model FOLDER")
-    kwargs = dict(dtype=dtype, revision=revision, safety_checker=None, requires_safety_checker=False)
+    cls_name = _pipeline_class_name(ref, local_only) or "StableDiffusionPipeline"
+    if cls_name not in PIPELINES:
+        raise UnsupportedUNetError(f"--model {ref.name}: a {cls_name} is not supported; aptp loads "
+                                   f"{' and '.join(PIPELINES)} folders")
+    unet_config(ref, local_only)  # refuse an unsupported U-Net before loading any weights
+    pipeline_cls = getattr(diffusers, cls_name)
+    kwargs = dict(dtype=dtype, revision=revision)
+    if cls_name == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if not Path(ref.source).is_dir():
         kwargs["local_files_only"] = local_only or offline()
     from diffusers.utils import logging as dlogging
@@ -231,7 +301,7 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only:
     dlogging.disable_progress_bar()  # our commands show their own progress
     tlogging.disable_progress_bar()
     try:
-        return StableDiffusionPipeline.from_pretrained(ref.source, **kwargs)
+        return pipeline_cls.from_pretrained(ref.source, **kwargs)
     except (OSError, ValueError) as exc:
         if Path(ref.source).is_dir():
             raise ModelNotFoundError(f"--model {ref.name}: could not load the pipeline: {exc}".splitlines()[0]) from None

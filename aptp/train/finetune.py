@@ -106,7 +106,7 @@ class ExpertTrainer:
         b = len(batch["caption"])
         g = _gen(f.seed, 211, self.k, micro, self.acc.process_index)
         mean, std = t.encode_images(batch["pixel_values"])
-        text = t.encode_text(batch["caption"])
+        text = t.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
         latents = mean + std * torch.randn(mean.shape, generator=g).to(mean)
         noise = torch.randn(mean.shape, generator=g).to(mean)
         steps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(mean.device)
@@ -114,11 +114,11 @@ class ExpertTrainer:
         target = diffusion_target(t.noise_scheduler, latents, noise, steps)
         inner = self.acc.unwrap_model(self.model)
         with self.acc.autocast(), capture_blocks(inner) as sb:
-            pred = self.model(x_t, steps, text).sample
+            pred = t.predict(self.model, x_t, steps, text)
         l_ddpm = per_sample_mse(pred, target).mean()
         if f.alpha_distill > 0:
             with torch.no_grad(), self.acc.autocast(), capture_blocks(t.unet) as tb:
-                teacher_out = t.unet(x_t, steps, text).sample
+                teacher_out = t.predict(t.unet, x_t, steps, text)
             l_out, l_block = distill_loss(pred, teacher_out, sb, tb)
             l_out, l_block = l_out.mean(), l_block.mean()
         else:

@@ -161,7 +161,7 @@ class Pruner:
         mine = slice(rank * b, (rank + 1) * b)
         with torch.no_grad():
             mean, std = t.encode_images(batch["pixel_values"])
-            text = t.encode_text(batch["caption"])
+            text = t.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
         shape = mean.shape[1:]
         eps_vae = torch.randn((bg, *shape), generator=g)[mine].to(mean)
         noise = torch.randn((bg, *shape), generator=g)[mine].to(mean)
@@ -194,11 +194,11 @@ class Pruner:
                                    self.comm.all_reduce)
 
         with self._autocast(), self.gates.apply(vectors), capture_blocks(t.unet) as student_blocks:
-            student = t.unet(x_t, timesteps, text).sample
+            student = t.predict(t.unet, x_t, timesteps, text)
         l_ddpm = per_sample_mse(student, target)  # (B,)
         if p.distill:
             with torch.no_grad(), self._autocast(), self.gates.off(), capture_blocks(t.unet) as teacher_blocks:
-                teacher_out = t.unet(x_t, timesteps, text).sample
+                teacher_out = t.predict(t.unet, x_t, timesteps, text)
             l_out, l_block = distill_loss(student, teacher_out, student_blocks, teacher_blocks)
         else:
             l_out = l_block = torch.zeros_like(l_ddpm)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from aptp.models.conditioning import Conditioning, encode_prompts, unet_forward
 from aptp.models.registry import load_pipeline, resolve_model
 from aptp.settings import ModelSettings
 
@@ -47,10 +48,16 @@ class Teacher:
         return dist.mean * sf, dist.std * sf
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """(B, text_len, dim) conditioning exactly as the pipeline computes it."""
-        embeds, _ = self.pipeline.encode_prompt(prompts, self.unet.device, 1, False)
-        return embeds
+    def encode_text(self, prompts: list[str], size: tuple[int, int] | None = None) -> Conditioning:
+        """The U-Net conditioning of ``prompts`` exactly as the pipeline computes it: the
+        (B, text_len, dim) token embeddings and, for SDXL, the pooled embedding of the second text
+        encoder and the time ids of images of ``size`` (h, w; default the model's native size)."""
+        return encode_prompts(self.pipeline, prompts, size)
+
+    @staticmethod
+    def predict(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """A U-Net's prediction under ``cond`` (the teacher's, a gated or a sliced one, wrapped or not)."""
+        return unet_forward(unet, sample, timestep, cond)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -65,8 +72,9 @@ def load_teacher(model: ModelSettings, device: torch.device | str = "cpu") -> Te
     ref = resolve_model(model.name)
     pipe = load_pipeline(ref, dtype=DTYPES[model.dtype], local_only=model.local_files_only, revision=model.revision)
     pipe.to(device)
-    for part in ("unet", "vae", "text_encoder"):
-        freeze(getattr(pipe, part))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, part, None) is not None:  # text_encoder_2: SDXL
+            freeze(getattr(pipe, part))
     pipe.set_progress_bar_config(disable=True)
     noise = DDPMScheduler.from_config(pipe.scheduler.config)
     return Teacher(pipeline=pipe, noise_scheduler=noise,
