@@ -64,8 +64,18 @@ def save_expert(unet: nn.Module, plan: SlicePlan, path: str | Path, *, overwrite
 
 
 def read_plan(path: str | Path) -> SlicePlan:
-    """Read an expert directory's plan."""
-    return SlicePlan.from_dict(json.loads((Path(path) / PLAN_FILE).read_text()))
+    """Read an expert directory's plan.
+
+    Raises:
+        DamagedFileError: ``plan.json`` is not a readable slice plan (names the command that rebuilds it).
+    """
+    from aptp.rundir import damaged, read_json
+
+    plan_path = Path(path) / PLAN_FILE
+    try:
+        return SlicePlan.from_dict(read_json(plan_path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise damaged(plan_path, exc) from None
 
 
 def load_expert(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
@@ -73,24 +83,38 @@ def load_expert(path: str | Path, device: str | torch.device = "cpu", dtype: tor
 
     Raises:
         FileNotFoundError: a file of the expert directory is missing.
-        RuntimeError: the weights do not match the plan (missing or unexpected tensors).
+        DamagedFileError: a file is unreadable, or the weights do not match the plan (missing,
+            unexpected or wrongly shaped tensors); one line naming the file and the command that
+            writes it again (an :class:`~aptp.errors.AptpUserError`).
     """
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
+
+    from aptp.rundir import damaged, read_json, read_safetensors
 
     path = Path(path)
     for name in (PLAN_FILE, CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not an expert directory: {name} is missing")
-    config = json.loads((path / CONFIG_FILE).read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    apply_plan(unet, read_plan(path))
-    state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    config = read_json(path / CONFIG_FILE)
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise damaged(path / CONFIG_FILE, exc) from None
+    plan = read_plan(path)
+    try:
+        apply_plan(unet, plan)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise damaged(path / PLAN_FILE, f"does not apply to {CONFIG_FILE}: {type(exc).__name__}: {exc}") from None
+    state = read_safetensors(path / WEIGHTS_FILE, device=str(device))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    unet.load_state_dict(state, strict=True, assign=True)
+    try:
+        unet.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:120]
+        raise damaged(path / WEIGHTS_FILE, f"its tensors do not match {PLAN_FILE}: {first}") from None
     still_meta = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
     if still_meta:
-        raise RuntimeError(f"expert {path} left tensors without weights: {still_meta[:5]}")
+        raise damaged(path / WEIGHTS_FILE, f"no weights for {', '.join(still_meta[:3])}")
     return unet.eval()

@@ -16,7 +16,6 @@ and ``codes.safetensors`` (the code logits, tensor ``logits`` (N, D)).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -269,10 +268,12 @@ def load_router(directory: str | os.PathLike[str], encoder: PromptEncoder | None
         device: where the parameters go.
 
     Raises:
-        ModelNotFoundError: files missing or unreadable.
+        ModelNotFoundError: files missing.
+        DamagedFileError: a file is unreadable (truncated, not JSON, wrong tensors); the message
+            names the file and the command that writes it again.
         SettingsError: ``encoder`` differs from the encoder the router was trained with.
     """
-    from safetensors.torch import load_file
+    from aptp.rundir import damaged, read_json, read_safetensors
 
     root = Path(directory).expanduser()
     cfg_path = root / ROUTER_DIR / CONFIG_FILE
@@ -281,16 +282,20 @@ def load_router(directory: str | os.PathLike[str], encoder: PromptEncoder | None
     if missing:
         raise ModelNotFoundError(f"no saved router in {root}: missing {', '.join(missing)}; "
                                  "is it the output directory of `aptp prune`?")
+    cfg = read_json(cfg_path)
     try:
-        cfg = json.loads(cfg_path.read_text())
         router = PromptRouter(int(cfg["z_dim"]), int(cfg["arch_dim"]), int(cfg["num_codes"]),
                               temperature=float(cfg["temperature"]), similarity=cfg.get("similarity", "logits"),
                               init_bias=float(cfg.get("init_bias", DEFAULT_INIT_BIAS)))
-        router.predictor.load_state_dict(load_file(str(paths[1])))
-        router.codes.load_state_dict({"logits": load_file(str(paths[2]))["logits"]})
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise ModelNotFoundError(f"router in {root} could not be read: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise damaged(cfg_path, exc) from None
+    for path, module, key in [(paths[1], router.predictor, None), (paths[2], router.codes, "logits")]:
+        tensors = read_safetensors(path)
+        try:
+            module.load_state_dict({key: tensors[key]} if key else tensors)
+        except (KeyError, RuntimeError) as exc:  # missing / unexpected / wrongly shaped tensors
+            raise damaged(path, f"{type(exc).__name__}: tensors do not match {cfg_path.name}: "
+                                f"{' '.join(str(exc).split())[:120]}") from None
     enc = cfg.get("encoder") or {}
     router.encoder_name, router.encoder_id = enc.get("name"), enc.get("id")
     if encoder is not None:

@@ -72,9 +72,27 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], info: dict[
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, info) of a checkpoint directory."""
-    info = json.loads((path / INFO_FILE).read_text())
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    """(state, info) of a checkpoint directory.
+
+    Raises:
+        DamagedFileError: ``trainer.json`` or ``state.pt`` is missing or unreadable; the message
+            names the file and says to delete the checkpoint and resume from the one before.
+    """
+    import pickle
+
+    from aptp.rundir import damaged, read_json
+
+    path = Path(path)
+    info = read_json(path / INFO_FILE)
+    state_path = path / STATE_FILE
+    if not state_path.is_file():
+        raise damaged(state_path, "missing")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise damaged(state_path, exc) from None
+    if not isinstance(state, dict):
+        raise damaged(state_path, f"expected a dict of training state, found {type(state).__name__}")
     return state, info
 
 
