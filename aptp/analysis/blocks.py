@@ -83,11 +83,12 @@ def counted_block_macs(unet: nn.Module, latent_size: int | tuple[int, int], text
     from torch.utils.flop_counter import FlopCounterMode
 
     from aptp.engine.macs import _dummy_inputs, meta_clone
+    from aptp.models.conditioning import unet_forward
 
     model = meta_clone(unet)
-    sample, t, text = _dummy_inputs(model, latent_size, text_len)
+    sample, t, cond = _dummy_inputs(model, latent_size, text_len)  # SDXL: added conditioning too
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(sample, t, text)
+        unet_forward(model, sample, t, cond)
     counts = counter.get_flop_counts()
     blocks = block_names(unet)
     out = {}

@@ -9,7 +9,8 @@ to the nearest multiple of ``lcm(unit_width, multiple) / unit_width`` units, kee
 with the highest scores, and then gives back MACs where rounding up overshot the budget, so the
 aligned vector stays at or below the MACs ratio it had (or the budget given).
 
-Depth units and the width of layers inside a dropped depth block are left as they are.
+Depth units and the width of layers inside a dropped depth block (any enclosing one, for nested
+SDXL transformer blocks) are left as they are.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def aligned_fraction(space: ArchSpace, vector: torch.Tensor, multiple: int) -> f
     v = space.check_vector(vector).reshape(-1)
     live = aligned = 0
     for s in space.segments:
-        if s.kind == "depth" or (s.depth_segment >= 0 and v[space.segments[s.depth_segment].offset] < 0.5):
+        if s.kind == "depth" or not space.is_live(s, v):
             continue
         k = int((v[s.offset : s.stop] >= 0.5).sum())
         if k == 0:
@@ -75,7 +76,7 @@ def align_vector(space: ArchSpace, vector: torch.Tensor, macs: MacsModel, multip
     out = v.clone()
     layers = []  # (segment, step, order of units by score, original kept count)
     for s in space.segments:
-        if s.kind == "depth" or (s.depth_segment >= 0 and v[space.segments[s.depth_segment].offset] < 0.5):
+        if s.kind == "depth" or not space.is_live(s, v):
             continue
         k = int(v[s.offset : s.stop].sum())
         step = _step(s.unit_width, multiple)

@@ -7,7 +7,9 @@ zero gate equals removing the unit (so masked ≡ sliced, see DESIGN.md §3):
 - attention heads: the input of ``to_out[0]``, per head (zeroing queries would not zero a head);
 - GEGLU channels: the input of the FFN output linear, per channel group;
 - depth: ``F̂ = u·f(F) + (1−u)·F`` around a ResBlock / Transformer2DModel; in up blocks ``F`` is the
-  hidden state (the first ``out_channels`` of the concatenated input), as in App. D.3 Eq. 24.
+  hidden state (the first ``out_channels`` of the concatenated input), as in App. D.3 Eq. 24; the
+  same around each residual ``BasicTransformerBlock`` of a multi-block transformer (SDXL), whose
+  gate then nests inside its ``Transformer2DModel``'s.
 
 With no vector set, every hook returns ``None`` (the module's own result), so the same module is
 the teacher: no second copy of the weights. Hooks are registered on module objects, so wrappers
