@@ -24,6 +24,24 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def check_generation_steps(targets: list[str], s) -> None:
+    """One line before anything is loaded if a target that generates (a run or a model) has a
+    scheduler that cannot run ``generate.steps`` steps."""
+    from aptp.evaluate import classify
+    from aptp.rundir import RunDir
+    from aptp.schedulers import check_model_steps
+
+    models = []
+    for target in targets:
+        t = classify(target)
+        if t.kind == "run":
+            models.append(RunDir(t.path).settings.model.name)
+        elif t.kind == "model":
+            models.append(t.path)
+    for model in dict.fromkeys(models):
+        check_model_steps(model, s.generate.scheduler, s.generate.steps)
+
+
 @command
 def evaluate(
     targets: Annotated[list[str], typer.Argument(help="Run directories (RUN@initial / RUN@finetuned pick the expert weights; default: fine-tuned if present), models (alias / folder / hub id) or folders of generated images with manifest.jsonl.")],
@@ -56,6 +74,7 @@ def evaluate(
     s = settings_from(recipe, set_, data__name=data, data__root=data_root, eval__limit=limit,
                       eval__metrics=metric_list, eval__fid_features=fid_features, generate__steps=steps,
                       generate__guidance=guidance)
+    check_generation_steps(targets, s)
     setup_logging(quiet)
     out_dir = prepare_output_dir(output, overwrite=overwrite, resume=False) if output is not None else None
     rows = run_eval(targets, s, images_dir=out_dir / "images" if out_dir else None,

@@ -205,6 +205,9 @@ def generate(
         raise AptpUserError(f"--weights {weights}: expected auto, finetuned or initial")
     if full and expert is not None:
         raise AptpUserError("--full and --expert exclude each other")
+    from aptp.schedulers import check_model_steps
+
+    check_model_steps(s.model.name, s.generate.scheduler, s.generate.steps)  # before anything is loaded or written
     setup_logging(quiet)
     texts = read_prompts(prompts or [], prompts_file)
     out_dir = prepare_output_dir(output or run.path / "samples", overwrite=overwrite, resume=False)
