@@ -145,7 +145,8 @@ def _generate_target(t: Target, settings: Settings, captions: list[str],
         jobs = plan_jobs(run, captions, g.seed, None, False)
         ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()}
         macs = sum(ratios[j.expert] for j in jobs) / len(jobs)
-        res = s.data.resolution
+        # generate at the run's deployment size (its MACs resolution), not its training resolution
+        res = s.generate.height or s.space.macs_resolution or s.data.resolution
         ep = ExpertPipeline(run, pipe, weights=t.weights)
         for k in sorted({j.expert for j in jobs}):
             run.expert_dir(k, t.weights)  # one clear line before any generation if weights are missing

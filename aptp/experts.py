@@ -48,7 +48,10 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None, align: in
         raise AptpUserError(f"{experts_root} already exists; pass --overwrite to materialize again")
     teacher = teacher or load_teacher(s.model)
     space = run.space
-    latent = s.data.resolution // teacher.vae_scale_factor
+    from aptp.train.prune import macs_resolution
+
+    res = macs_resolution(s, teacher.vae_scale_factor)  # the deployment resolution, not the training one
+    latent = res // teacher.vae_scale_factor
     macs = build_macs_model(teacher.unet, space, latent, text_len=teacher.text_len)
     full_params = _params(teacher.unet)
     hard = router.hard_codes()  # (N, D) binary, no noise
@@ -69,7 +72,8 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None, align: in
         expert, plan = slice_unet(teacher.unet, space, hard[k])
         m = float(macs(hard[k].double())[0])
         plan.meta = {"base_model": s.model.name, "expert": k, "macs": m, "macs_ratio": m / macs.full,
-                     "latent_size": latent, "text_len": teacher.text_len, "space_size": space.size}
+                     "latent_size": latent, "macs_resolution": res, "text_len": teacher.text_len,
+                     "space_size": space.size}
         save_expert(expert, plan, experts_root / f"expert-{k}", overwrite=overwrite)
         kept = {kind: int(hard[k][space.kind_index(kind)].sum()) for kind in KINDS}
         records.append({
@@ -80,7 +84,8 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None, align: in
         })
         logger.info("expert %d: MACs ratio %.3f, %d parameters", k, m / macs.full, _params(expert))
     atomic_write_json(run.experts_json, {
-        "base_model": s.model.name, "resolution": s.data.resolution, "full_macs": macs.full,
+        "base_model": s.model.name, "resolution": res, "macs_resolution": res,
+        "train_resolution": s.data.resolution, "full_macs": macs.full,
         "full_params": full_params, "encoder": router.encoder_name, "num_experts": router.num_codes,
         "align": align,
         "experts": records,
@@ -123,16 +128,38 @@ def route_prompts(run: RunDir, prompts: list[str]) -> list[dict[str, Any]]:
             for p, i, c in zip(prompts, index.tolist(), sim.tolist())]
 
 
-def write_route_index(run: RunDir, split: str, *, overwrite: bool = False) -> dict[int, int]:
-    """Route every caption of the run's data set split and write ``routes/<split>/expert-K.json``
-    (the sample indices fine-tuning reads). Returns prompts per expert."""
+def data_identity(settings) -> dict[str, Any]:
+    """What decides which sample an index names: data set, root, size limit and seed (not the
+    resolution, crop or flip, which change pixels but not the order of the samples)."""
+    d = settings.data
+    return {"name": d.name, "root": None if d.root is None else str(d.root), "max_samples": d.max_samples,
+            "seed": settings.seed}
+
+
+def route_dir(run: RunDir, split: str, settings=None) -> Path:
+    """Where the route index of ``split`` lives for the data ``settings`` select: ``routes/<split>``
+    for the run's own data, ``routes/<split>-<hash>`` when overrides (``--set data.…``,
+    ``APTP_DATA__…``) select other samples, so indices never point into another data set."""
+    import hashlib
+    import json
+
+    if settings is None or data_identity(settings) == data_identity(run.settings):
+        return run.routes_dir(split)
+    digest = hashlib.sha256(json.dumps(data_identity(settings), sort_keys=True).encode()).hexdigest()[:10]
+    return run.routes_dir(split).with_name(f"{split}-{digest}")
+
+
+def write_route_index(run: RunDir, split: str, *, overwrite: bool = False, settings=None) -> dict[int, int]:
+    """Route every caption of a data set split and write ``<route_dir>/expert-K.json`` (the sample
+    indices fine-tuning reads). ``settings`` (default: the run's) choose the data set, exactly as
+    the dataset that reads the indices is built. Returns prompts per expert."""
     from aptp.data import build_dataset
     from aptp.errors import AptpUserError
 
-    s = run.settings
+    s = settings or run.settings
     ds = build_dataset(s.data, split=split, seed=s.seed)
     records = route_prompts(run, ds.captions())
-    out = run.routes_dir(split)
+    out = route_dir(run, split, s)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise AptpUserError(f"{out} already exists; pass --overwrite to route again")
     by_expert: dict[int, list[int]] = {}
@@ -141,5 +168,6 @@ def write_route_index(run: RunDir, split: str, *, overwrite: bool = False) -> di
     router_codes = run.router().num_codes
     for k in range(router_codes):
         atomic_write_json(out / f"expert-{k}.json", {"expert": k, "split": split, "data": s.data.name,
+                                                     "data_identity": data_identity(s),
                                                      "indices": by_expert.get(k, [])})
     return {k: len(by_expert.get(k, [])) for k in range(router_codes)}

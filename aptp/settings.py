@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 import typing
@@ -33,12 +34,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
 )
 
 from aptp.errors import SettingsError
-from aptp.io import atomic_write_json, atomic_write_yaml, run_metadata
+from aptp.io import atomic_write_json, atomic_write_text, run_metadata
 
 __all__ = [
     "ENV_PREFIX",
@@ -112,6 +114,14 @@ class SpaceSettings(_Section):
     depth_policy: Literal["paper", "none"] = Field(
         "paper", description="'paper': blocks that may be skipped as in APTP; 'none': width pruning only."
     )
+    macs_resolution: int | None = Field(
+        None,
+        description="Image size (px) at which MACs are counted for the budget, experts.json, eval and reports: "
+        "the deployment resolution, independent of the training resolution; None = the model's generation "
+        "resolution (SD 2.1: 768, SD 1.5: 512, SDXL: 1024, toy: 64).",
+    )
+
+    _check_macs_resolution = field_validator("macs_resolution")(_multiple_of_8)
 
 
 class DataSettings(_Section):
@@ -167,7 +177,16 @@ class PruneSettings(_Section):
         100, ge=0, description="Router warm-up steps before codes are used (paper: 500, see recipes/)."
     )
     steps: int = Field(400, ge=0, description="Pruning steps after warm-up, with codes (paper: 2500).")
-    lr: float = Field(1e-2, ge=0, description="Learning rate (embedded default; paper: 2e-4 for SD 2.1, see recipes/).")
+    lr: float = Field(
+        1.25e-3, ge=0,
+        description="Base AdamW learning rate; with lr_scaling 'sqrt-batch' the rate used is lr x sqrt(global "
+        "batch) (paper: 2e-4 -> 6.4e-3 at its batch 1,024; embedded default: 1.25e-3 -> 1e-2 at batch 64).",
+    )
+    lr_scaling: Literal["sqrt-batch", "none"] = Field(
+        "sqrt-batch",
+        description="'sqrt-batch': multiply lr by sqrt(batch_size x processes x grad_accum), as the official APTP "
+        "code does (the printed 2e-4 alone cannot move a code logit from +3 to 0 in 3,000 steps); 'none': lr as is.",
+    )
     lr_warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps (paper: 100).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(64, ge=1, description="Batch size per process.")
@@ -191,6 +210,12 @@ class PruneSettings(_Section):
     log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")
     mixed_precision: MixedPrecision = Field("no", description="Autocast the U-Net: no | fp16 | bf16.")
     seed: int = Field(0, description="Seed of the pruning run.")
+
+    def effective_lr(self, processes: int = 1) -> float:
+        """The AdamW rate used: ``lr``, times sqrt(global batch) under ``lr_scaling: sqrt-batch``."""
+        if self.lr_scaling == "none":
+            return self.lr
+        return self.lr * math.sqrt(self.batch_size * processes * self.grad_accum)
 
 
 class FinetuneSettings(_Section):
@@ -272,6 +297,21 @@ class Settings(BaseModel):
     seed: int = Field(0, description="Seed for work not covered by a section seed.")
     quiet: bool = Field(False, description="No progress bars; warnings and errors only.")
     log_format: Literal["text", "json"] = Field("text", description="Console log format.")
+
+    # dotted key -> where its value came from (recipe, env, flag, --set, model default); not a setting
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:  # settings are equal when their values are
+        if not isinstance(other, Settings):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def source(self, key: str) -> str:
+        """Where the setting ``key`` (dotted) came from: a recipe, env, flag, ``--set``, a model
+        default (``model sd2.1: ...``) or ``default`` (the built-in, embedded-world default)."""
+        return " ".join(self._sources.get(key, "default").split())
 
 
 # --------------------------------------------------------------------------- merging
@@ -373,12 +413,30 @@ def _parse_value(key: _Key, raw: str) -> Any:
     return parsed
 
 
-def _read_recipe(recipe: Path) -> dict[str, Any]:
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship with aptp (``aptp/recipes/*.yaml``), by name (``coco-base``)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("aptp") / "recipes"))
+    return {p.stem: p for p in sorted(root.glob("*.yaml")) if not p.stem.startswith("toy-")}  # toy-*: python -m aptp.train.toy
+
+
+def find_recipe(recipe: str | os.PathLike[str]) -> Path:
+    """A recipe file: a path, or the name of a shipped recipe (``coco-base``, ``shapes``)."""
     path = Path(recipe).expanduser()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "not found"
-        raise SettingsError(f"recipe {path}: {what}; pass the path of a recipe YAML file")
-    return _load_yaml_mapping(path, "recipe")
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = str(recipe).removesuffix(".yaml")
+    if name in shipped and not path.parent.parts:
+        return shipped[name]
+    what = "is a directory" if path.is_dir() else "not found"
+    raise SettingsError(f"recipe {path}: {what}; pass the path of a recipe YAML file or a shipped recipe "
+                        f"name ({', '.join(shipped)})")
+
+
+def _read_recipe(recipe: Path) -> dict[str, Any]:
+    return _load_yaml_mapping(find_recipe(recipe), "recipe")
 
 
 def _load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
@@ -455,14 +513,46 @@ def resolve_settings(
     for item in overrides:
         key, raw = _split_override(item)
         layers.apply(key, _parse_value(key, raw), f"--set {item}")
+    _apply_model_defaults(layers)
     return _validate(layers)
+
+
+def _apply_model_defaults(layers: _Layers) -> None:
+    """Fill every model-dependent setting that no source set from the model's profile
+    (:func:`aptp.models.profiles.model_defaults`), recording the reason as its source."""
+    model = layers.tree.get("model")
+    name = model.get("name", "toy") if isinstance(model, dict) else "toy"
+    if not isinstance(name, str):
+        return  # validation reports it
+    from aptp.models.profiles import model_defaults
+
+    for dotted, (value, why) in model_defaults(name).items():
+        key = tuple(dotted.split("."))
+        if layers.source_of(key) is None:
+            layers.apply(key, value, why)
+
+
+def _leaf_keys() -> list[_Key]:
+    keys: list[_Key] = []
+    for name, field in Settings.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += [(name, f) for f in sub.model_fields]
+        else:
+            keys.append((name,))
+    return keys
 
 
 def _validate(layers: _Layers) -> Settings:
     try:
-        return Settings.model_validate(layers.tree)
+        settings = Settings.model_validate(layers.tree)
     except ValidationError as exc:
         raise SettingsError(_format_errors(exc, layers)) from exc
+    for key in _leaf_keys():
+        source = layers.source_of(key)
+        if source is not None:
+            settings._sources[".".join(key)] = source
+    return settings
 
 
 # --------------------------------------------------------------------------- error messages
@@ -552,9 +642,30 @@ def write_settings(settings: Settings, directory: str | os.PathLike[str]) -> Pat
         Path of the written ``settings.yaml``.
     """
     directory = Path(directory)
-    path = atomic_write_yaml(directory / SETTINGS_FILE, settings_to_dict(settings))
+    path = atomic_write_text(directory / SETTINGS_FILE, settings_yaml(settings))
     atomic_write_json(directory / META_FILE, run_metadata())
     return path
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20, sort_keys=False).strip()
+    return text.removesuffix("...").strip()
+
+
+def settings_yaml(settings: Settings) -> str:
+    """The resolved settings as a YAML recipe, each value followed by where it came from
+    (``# default``, ``# recipe …``, ``# env APTP_…``, ``# command line``, ``# --set …``,
+    ``# model sd2.1: …``). ``yaml.safe_load`` of the text gives :func:`settings_to_dict`."""
+    data = settings_to_dict(settings)
+    lines = ["# aptp resolved settings: a valid recipe; the comment after each value says where it came from"]
+    for name, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{name}:")
+            for field, v in value.items():
+                lines.append(f"  {field}: {_flow(v)}  # {settings.source(f'{name}.{field}')}")
+        else:
+            lines.append(f"{name}: {_flow(value)}  # {settings.source(name)}")
+    return "\n".join(lines) + "\n"
 
 
 def load_settings(directory: str | os.PathLike[str]) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +17,20 @@ def default_run_dir(method: str, data: str, budget: float, experts: int) -> Path
     name = Path(data).name if data not in ("shapes", "coco", "cc3m") else data
     tag = f"{method}-{name}-{budget:g}" + ("" if method == "uni-arch" else f"x{experts}")
     return Path("runs") / tag
+
+
+# `aptp prune --data coco|cc3m` without --model or --recipe means the paper's job on SD 2.1
+PAPER_RECIPES = {"coco": "coco-base", "cc3m": "cc3m-base"}
+
+
+def paper_recipe(data: str | None, model: str | None, recipe: Path | None, overrides: list[str] | None) -> str | None:
+    """The shipped paper recipe that ``--data`` implies, or None when the user chose a model or
+    recipe (flag, ``APTP_MODEL__NAME`` or ``--set model.name=...``) or another data set."""
+    chosen_model = model is not None or "APTP_MODEL__NAME" in os.environ or any(
+        o.strip().startswith("model.name=") for o in overrides or ())
+    if recipe is not None or chosen_model or data is None:
+        return None
+    return PAPER_RECIPES.get(data)
 
 
 @command
@@ -45,7 +60,17 @@ def prune(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Train the prompt router and architecture codes (paper §3.3); write the run directory."""
+    """Train the prompt router and architecture codes (paper §3.3); write the run directory.
+
+    With --data coco or cc3m and neither --model nor --recipe, the paper's recipe for that data
+    set on Stable Diffusion 2.1 is used (recipes/coco-base.yaml, cc3m-base.yaml); flags and --set
+    still override it.
+    """
+    implied = paper_recipe(data, model, recipe, set_)
+    if implied is not None:
+        recipe = Path(implied)
+        err.print(f"--data {data} without --model or --recipe: using the paper recipe {implied} "
+                  f"(Stable Diffusion 2.1; pass --model or --recipe to choose otherwise)", markup=False)
     s = settings_from(
         recipe, set_, model__name=model, data__name=data, data__root=data_root, prune__budget=budget,
         router__num_experts=experts, prune__method=method, output=output, data__resolution=resolution,

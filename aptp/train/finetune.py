@@ -24,7 +24,7 @@ import torch
 from aptp.data import build_dataset
 from aptp.engine.expert import load_expert, read_plan, save_expert
 from aptp.errors import AptpUserError
-from aptp.experts import write_route_index
+from aptp.experts import route_dir, write_route_index
 from aptp.io import atomic_write_json, prepare_output_dir
 from aptp.rundir import FINETUNED_DIR, RunDir
 from aptp.settings import Settings, write_settings
@@ -47,12 +47,15 @@ class FinetuneResult:
     samples: int
 
 
-def routed_indices(run: RunDir, k: int, is_main: bool, barrier: Callable[[], None]) -> list[int]:
-    """Training-sample indices routed to expert ``k`` (the index files are written once)."""
-    path = run.routes_dir("train") / f"expert-{k}.json"
+def routed_indices(run: RunDir, k: int, is_main: bool, barrier: Callable[[], None],
+                   settings: Settings | None = None) -> list[int]:
+    """Training-sample indices routed to expert ``k`` in the data set that ``settings`` (default:
+    the run's) build — the same settings the fine-tuning dataset is built from. The index files
+    are written once per data set (:func:`aptp.experts.route_dir`)."""
+    path = route_dir(run, "train", settings) / f"expert-{k}.json"
     if not path.is_file():
         if is_main:
-            write_route_index(run, "train")
+            write_route_index(run, "train", settings=settings)
         barrier()
     return json.loads(path.read_text())["indices"]
 
@@ -70,7 +73,7 @@ class ExpertTrainer:
         self.work = run.path / "finetune" / f"expert-{k}"
         self.teacher = teacher or load_teacher(settings.model, device=self.acc.device)
         if indices is None:
-            indices = routed_indices(run, k, self.acc.is_main_process, self.acc.wait_for_everyone)
+            indices = routed_indices(run, k, self.acc.is_main_process, self.acc.wait_for_everyone, settings)
         self.indices = indices
         if not self.indices:
             raise AptpUserError(f"expert {k}: no training sample is routed to it; nothing to fine-tune")
@@ -223,7 +226,7 @@ def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: 
     results = []
     teacher = load_teacher(settings.model, device=acc.device)
     for k in experts:
-        indices = routed_indices(run, k, acc.is_main_process, acc.wait_for_everyone)
+        indices = routed_indices(run, k, acc.is_main_process, acc.wait_for_everyone, settings)
         if skip_empty and not indices:  # the caller reports it (result with path None)
             logger.debug("expert %d: no training sample is routed to it; skipped", k)
             results.append(FinetuneResult(k, 0, False, None, 0))

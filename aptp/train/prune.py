@@ -103,7 +103,10 @@ class Pruner:
         if res % t.vae_scale_factor:
             raise SettingsError(f"data.resolution {res}: must be a multiple of the VAE scale factor {t.vae_scale_factor}")
         self.latent_size = res // t.vae_scale_factor
-        self.macs = build_macs_model(t.unet, self.space, self.latent_size, text_len=t.text_len)
+        # the budget is counted at the deployment resolution, not the training one (DESIGN.md §3)
+        self.macs_resolution = macs_resolution(settings, t.vae_scale_factor)
+        self.macs = build_macs_model(t.unet, self.space, self.macs_resolution // t.vae_scale_factor,
+                                     text_len=t.text_len)
         self.gates = UNetGates(t.unet, self.space)
 
         captions = self.dataset.captions()
@@ -121,7 +124,8 @@ class Pruner:
                                    generator=_gen(self.p.seed, 1))
         self.router.to(self.device)
         params = list(self.router.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=self.p.lr, weight_decay=self.p.weight_decay)
+        self.lr = self.p.effective_lr(self.comm.world_size)  # lr x sqrt(global batch) unless lr_scaling: none
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.p.weight_decay)
         warm = max(1, self.p.lr_warmup_steps)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.step = 0
@@ -385,6 +389,7 @@ class Pruner:
         self.router.eval()
         save_router(self.router, self.run_dir)
         routing = routing_report(self.router, self.macs, self._validation_captions(), self.budget)
+        routing["macs_resolution"] = self.macs_resolution
         routing["skipped_images"] = self.skipped
         atomic_write_json(self.run_dir / "routing.json", routing)
         return routing
@@ -394,6 +399,19 @@ class Pruner:
             return build_dataset(self.s.data, split="validation", seed=self.s.seed).captions()
         except AptpUserError:
             return self.dataset.captions()[:2000]
+
+
+def macs_resolution(settings: Settings, vae_scale_factor: int) -> int:
+    """The image size MACs are counted at: ``space.macs_resolution``, else the model's generation
+    resolution, else the training resolution; a multiple of the VAE scale factor."""
+    res = settings.space.macs_resolution
+    if res is None:
+        from aptp.models.profiles import generation_resolution
+
+        res = generation_resolution(settings.model.name) or settings.data.resolution
+    if res % vae_scale_factor:
+        raise SettingsError(f"space.macs_resolution {res}: must be a multiple of the VAE scale factor {vae_scale_factor}")
+    return int(res)
 
 
 def routing_report(router: PromptRouter, macs, captions: list[str], budget: float) -> dict[str, Any]:

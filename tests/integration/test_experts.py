@@ -162,6 +162,31 @@ def test_finetune_all_skips_experts_without_prompts(run, tmp_path):
     assert cli("finetune", str(copy), "--expert", "1", "--steps", "1", "--quiet").exit_code == 2
 
 
+def test_finetune_data_override_routes_the_data_it_trains_on(run, tmp_path):
+    """`--set data.max_samples=…` at fine-tune time: the route index is built from the same data
+    settings as the dataset that reads it (issue 12: it was built from the run's saved ones)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("finetune", "finetuned", "routes"))
+    res = cli("finetune", str(copy), "--expert", "all", "--steps", "1", "--batch-size", "2", "--quiet",
+              "--set", "data.max_samples=20")
+    assert res.exit_code == 0, res.output
+    own = copy / "routes" / "train"
+    assert not own.exists()  # the run's own index (64 samples) was not written for other data
+    (other,) = [d for d in (copy / "routes").iterdir() if d.name.startswith("train-")]
+    files = [json.loads(f.read_text()) for f in sorted(other.glob("expert-*.json"))]
+    indices = sorted(i for f in files for i in f["indices"])
+    assert indices == list(range(20))  # every sample of the overridden data set, none beyond it
+    assert all(f["data_identity"]["max_samples"] == 20 for f in files)
+    # without the override the run's own index is used (and written where `aptp route --data` puts it)
+    res = cli("finetune", str(copy), "--expert", "all", "--steps", "1", "--batch-size", "2", "--quiet",
+              "--overwrite")
+    assert res.exit_code == 0, res.output
+    total = sum(len(json.loads(f.read_text())["indices"]) for f in own.glob("expert-*.json"))
+    assert total == 64
+
+
 def test_interrupted_generate_keeps_finished_images_and_lines(run, tmp_path):
     from aptp.generate import generate
     from aptp.rundir import RunDir

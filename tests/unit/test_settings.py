@@ -38,8 +38,78 @@ def _error(**kwargs) -> str:
     return msg
 
 
+# what the toy model (the default) sets beyond the built-in defaults: its generation resolution
+TOY_MODEL_DEFAULTS = {"space": {"macs_resolution": 64}, "generate": {"height": 64, "width": 64}}
+
+
+def toy_defaults() -> Settings:
+    return Settings.model_validate(TOY_MODEL_DEFAULTS)
+
+
 def test_defaults_without_sources():
-    assert resolve_settings(env={}) == Settings()
+    s = resolve_settings(env={})
+    assert s == toy_defaults()
+    assert s.source("prune.budget") == "default" and s.source("space.macs_resolution").startswith("model toy")
+
+
+def test_model_dependent_defaults_follow_the_model(tmp_path):
+    """Issue 12: --model sd2.1 (or an SD-shaped folder) without --resolution trains at the paper's
+    256 px, counts MACs at 768 px, and gets the paper's schedules; nothing set by a source moves."""
+    s = resolve_settings(cli={"model.name": "sd2.1"}, env={})
+    assert (s.data.resolution, s.space.macs_resolution, s.generate.height) == (256, 768, 768)
+    assert (s.prune.warmup_steps, s.prune.steps, s.prune.lr, s.prune.lr_warmup_steps) == (500, 2500, 2e-4, 100)
+    assert (s.finetune.steps, s.finetune.lr, s.finetune.batch_size) == (30000, 1e-5, 128)
+    assert s.prune.effective_lr(16) == pytest.approx(6.4e-3)  # x sqrt(64 x 16)
+    assert s.source("data.resolution") == "model sd2.1: paper recipe (App. E)"
+    assert s.source("space.macs_resolution") == "model sd2.1: generation resolution"
+    given = resolve_settings(cli={"model.name": "sd2.1", "data.resolution": 512},
+                             overrides=["prune.lr=1e-3"], env={"APTP_SPACE__MACS_RESOLUTION": "512"})
+    assert (given.data.resolution, given.prune.lr, given.space.macs_resolution) == (512, 1e-3, 512)
+    assert given.source("data.resolution") == "command line" and given.source("prune.lr") == "--set prune.lr=1e-3"
+    assert given.source("space.macs_resolution") == "env APTP_SPACE__MACS_RESOLUTION"
+    # a local folder: its U-Net config decides (sample_size x VAE scale factor)
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "sample_size": 64}))
+    f = resolve_settings(cli={"model.name": str(folder)}, env={})
+    assert (f.space.macs_resolution, f.data.resolution, f.prune.steps) == (512, 256, 2500)
+
+
+def test_settings_yaml_says_where_each_value_came_from(tmp_path):
+    import yaml
+
+    recipe = _recipe(tmp_path, "prune:\n  budget: 0.5\n")
+    s = resolve_settings(recipe, cli={"model.name": "sd2.1"}, overrides=["router.num_experts=4"],
+                         env={"APTP_PRUNE__STEPS": "7"})
+    write_settings(s, tmp_path / "run")
+    text = (tmp_path / "run" / SETTINGS_FILE).read_text()
+    line, section = {}, ""
+    for ln in text.splitlines():
+        if ln and not ln.startswith(("#", " ")):
+            section = ln.split(":")[0]
+        elif ln.startswith("  "):
+            line[f"{section}.{ln.split(':')[0].strip()}"] = ln
+    assert line["prune.budget"].endswith(f"# recipe {recipe}")
+    assert line["model.name"].endswith("# command line")
+    assert line["router.num_experts"].endswith("# --set router.num_experts=4")
+    assert line["prune.steps"].endswith("# env APTP_PRUNE__STEPS") and line["prune.lr_warmup_steps"].endswith("(App. E)")
+    assert line["space.macs_resolution"] == "  macs_resolution: 768  # model sd2.1: generation resolution"
+    assert line["space.ffn_groups"].endswith("# default")
+    assert load_settings(tmp_path / "run") == s and yaml.safe_load(text) == settings_to_dict(s)
+
+
+def test_recipes_by_name_and_the_paper_lr():
+    from aptp.settings import shipped_recipes
+
+    assert {"coco-base", "coco-small", "cc3m-base", "cc3m-small", "shapes"} <= set(shipped_recipes())
+    by_name = resolve_settings("coco-base", env={})
+    assert by_name == resolve_settings(REPO / "recipes" / "coco-base.yaml", env={})
+    assert by_name.prune.lr == 2e-4 and by_name.prune.lr_scaling == "sqrt-batch"
+    shapes = resolve_settings("shapes", env={})
+    assert shapes.prune.effective_lr(1) == pytest.approx(1e-2)  # 1.25e-3 x sqrt(64): the toy's tuned rate
+    assert shapes == toy_defaults()  # the embedded default recipe is the built-in defaults
+    with pytest.raises(SettingsError, match="shipped recipe name"):
+        resolve_settings("coco-bse", env={})
 
 
 def test_every_field_has_default_and_description():
@@ -197,7 +267,7 @@ def test_recipe_top_level_must_be_mapping(tmp_path):
 
 
 def test_empty_recipe_means_defaults(tmp_path):
-    assert resolve_settings(_recipe(tmp_path, "# nothing yet\n"), env={}) == Settings()
+    assert resolve_settings(_recipe(tmp_path, "# nothing yet\n"), env={}) == toy_defaults()
 
 
 def test_settings_round_trip(tmp_path):

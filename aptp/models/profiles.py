@@ -1,0 +1,90 @@
+"""Model-dependent defaults: what a setting is when the user leaves it alone.
+
+The built-in defaults of :mod:`aptp.settings` are the embedded ``toy`` world's. For any other
+model the settings that depend on the model — the training resolution, the resolution at which
+MACs (and so budgets) are counted, the sampling size, and the paper's schedules and learning
+rates for a Stable-Diffusion-sized model — come from the model instead, unless a recipe, the
+environment, a flag or ``--set`` gives them. :func:`model_defaults` returns those values with
+the reason for each, and :func:`aptp.settings.resolve_settings` applies them to every key no
+source set; ``settings.yaml`` records the reason next to the value.
+
+The "paper" profile (App. E of the APTP paper, the COCO/CC3M recipes): train at 256 px,
+500 warm-up + 2,500 code steps, AdamW base lr 2e-4 scaled by √(global batch) (the official
+implementation's ``scale_lr``; :class:`aptp.settings.PruneSettings`), 100 lr warm-up steps,
+batch 64 per process; fine-tuning 30k steps at lr 1e-5, batch 128, with an EMA. SDXL trains at
+512 px (its native 1024 px halved; the paper's 256 px is a third of SD 2.1's 768 px, and SDXL
+at 256 px is far outside what it was trained for).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PAPER_PROFILE", "generation_resolution", "model_defaults"]
+
+PAPER_PROFILE: dict[str, Any] = {
+    "data.resolution": 256,
+    "prune.warmup_steps": 500,
+    "prune.steps": 2500,
+    "prune.lr": 2.0e-4,
+    "prune.lr_warmup_steps": 100,
+    "prune.batch_size": 64,
+    "finetune.steps": 30000,
+    "finetune.lr": 1.0e-5,
+    "finetune.batch_size": 128,
+    "finetune.ema": True,
+}
+
+# training resolution per model family where the paper's 256 px does not fit
+_TRAIN_RESOLUTION = {"sdxl": 512}
+
+
+def generation_resolution(name: str, local_only: bool = False) -> int | None:
+    """The image size a model generates at (and is deployed at): the alias's, else the U-Net's
+    ``sample_size`` times the VAE scale factor; None when the config cannot be read offline."""
+    from aptp.errors import AptpUserError
+    from aptp.models.registry import default_resolution, resolve_model
+
+    try:
+        return int(default_resolution(resolve_model(name), local_only))
+    except (AptpUserError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _family(name: str) -> str:
+    """``toy`` for the embedded model, ``sdxl`` for SDXL-style U-Nets, else ``sd``."""
+    from aptp.errors import AptpUserError
+    from aptp.models.registry import ALIASES, resolve_model, unet_config
+
+    if name == "toy":
+        return "toy"
+    if name in ALIASES:
+        return "sdxl" if name.startswith("sdxl") else "sd"
+    try:
+        cfg = unet_config(resolve_model(name))
+    except (AptpUserError, OSError, ValueError, KeyError, TypeError):
+        return "sd"
+    return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
+
+
+def model_defaults(name: str) -> dict[str, tuple[Any, str]]:
+    """Dotted setting → (value, reason) for the model ``name`` (alias, folder or hub id).
+
+    The toy's values are the built-in defaults, so for it only the resolutions are given.
+    Nothing here loads weights; a folder's or a cached hub model's config is read when needed.
+    """
+    out: dict[str, tuple[Any, str]] = {}
+    gen = generation_resolution(name)
+    if gen is not None:
+        why = f"model {name}: generation resolution"
+        out["space.macs_resolution"] = (gen, why)
+        out["generate.height"] = (gen, why)
+        out["generate.width"] = (gen, why)
+    family = _family(name)
+    if family == "toy":
+        return out
+    for key, value in PAPER_PROFILE.items():
+        out[key] = (value, f"model {name}: paper recipe (App. E)")
+    if family in _TRAIN_RESOLUTION:
+        out["data.resolution"] = (_TRAIN_RESOLUTION[family], f"model {name}: half its generation resolution")
+    return out
