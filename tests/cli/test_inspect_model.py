@@ -113,3 +113,45 @@ def test_save_space_writes_json_and_never_overwrites(tmp_path):
     before = target.read_bytes()
     assert_one_line_error(invoke("inspect-model", "--model", "sd2.1", "--save-space", str(target)), "exists")
     assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("alias,resolution,params,units,gmacs", [
+    ("sd1.5", 512, 859_520_964, 1486, 401.64),
+    ("sdxl", 1024, 2_567_463_684, 5464, 3380.62),
+])
+def test_sd15_and_sdxl_json_offline(alias, resolution, params, units, gmacs):
+    from aptp.engine.macs import count_macs
+    from aptp.models.registry import build_unet, resolve_model
+
+    result = invoke("inspect-model", "--model", alias, "--resolution", str(resolution), "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["params"] == params and report["units"]["total"] == units
+    counted = count_macs(build_unet(resolve_model(alias)), resolution // 8) / 1e9  # FlopCounterMode, meta
+    assert abs(report["gmacs"] - counted) / counted < 0.005
+    assert abs(report["gmacs"] - gmacs) < 0.01
+    default = json.loads(invoke("inspect-model", "--model", alias, "--format", "json").stdout)
+    assert default["resolution"] == resolution
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"down_block_types": ["AttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
+     "down block type 'AttnDownBlock2D' is not supported"),
+    ({"in_channels": 9}, "in_channels=9 != out_channels=4"),
+    ({"class_embed_type": "timestep"}, "class conditioning"),
+    ({"_class_name": "UNet2DModel"}, "a UNet2DModel is not supported"),
+])
+def test_unsupported_unet_folder_is_one_line(tmp_path, change, needle):
+    from tests.conftest import TINY_UNET
+
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_UNET, **change}))
+    assert_one_line_error(invoke("inspect-model", "--model", str(folder)), str(folder), needle)
+
+
+def test_pipeline_folder_without_unet_is_one_line(tmp_path):
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    (tmp_path / "pipe" / "unet").mkdir()
+    assert_one_line_error(invoke("inspect-model", "--model", str(tmp_path / "pipe")), "PixArtAlphaPipeline")
