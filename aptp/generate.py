@@ -1,8 +1,10 @@
 """Routed, grouped, batch-parallel generation (``aptp generate``).
 
 Every prompt is routed to an expert; prompts are grouped per expert and each group runs in
-batches through ONE pipeline whose VAE, text encoder and scheduler are loaded once — only the
-U-Net is swapped. Each prompt's starting noise comes from its own seed, so its image depends only
+batches through ONE pipeline whose VAE, text encoder(s) and scheduler are loaded once — only the
+U-Net is swapped (a stock ``StableDiffusionPipeline`` or, for SDXL, ``StableDiffusionXLPipeline``
+with ``unet=expert``: experts are stock ``UNet2DConditionModel``s, so the pipeline computes SDXL's
+added conditioning itself). Each prompt's starting noise comes from its own seed, so its image depends only
 on (prompt, seed, expert), never on which prompts share its batch.
 """
 
