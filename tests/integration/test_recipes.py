@@ -44,6 +44,15 @@ Z_DIM = 32
 SIM_BATCH = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of small ops: one thread is faster than two fighting over a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def sd21():
     unet = build_unet(resolve_model("sd2.1"))  # meta device: no weights
