@@ -237,6 +237,9 @@ def chain(a: argparse.Namespace, model: Path, data: Path, work: Path) -> list[tu
     common = ["--set", "router.prompt_encoder=all-MiniLM-L6-v2", "--set", f"router.embedding_cache={work / 'emb'}"]
     gen = ["--set", f"generate.height={a.resolution}", "--set", f"generate.width={a.resolution}"]
     evaluation = ["--set", "eval.clip_model=domain-clip", "--set", "eval.fid_features=domain-clip"]
+    # SDXL ships an Euler config without PNDM's skip_prk_steps: PNDM built from it needs >= 4 steps
+    # (aptp generate says so in one line); DDIM runs any count.
+    sampler = ["--set", "generate.scheduler=ddim"] if a.family == "sdxl" else []
     return [
         ("prune", [*aptp, "prune", "--model", str(model), "--recipe", str(a.recipe), "--data", "coco",
                    "--data-root", str(data), "--output", str(run), "--resolution", str(a.resolution),
@@ -247,9 +250,9 @@ def chain(a: argparse.Namespace, model: Path, data: Path, work: Path) -> list[tu
                       str(a.batch_size), "--quiet", *a.set]),
         ("generate", [*aptp, "generate", str(run), PROMPT, "--steps", str(a.sample_steps), "--height",
                       str(a.resolution), "--width", str(a.resolution), "--output", str(work / "samples"), "--quiet",
-                      *a.set]),
+                      *sampler, *a.set]),
         ("eval", [*aptp, "eval", str(run), "--limit", "2", "--steps", str(a.sample_steps), "--output",
-                  str(work / "eval"), "--format", "json", "--quiet", *gen, *evaluation, *a.set]),
+                  str(work / "eval"), "--format", "json", "--quiet", *gen, *evaluation, *sampler, *a.set]),
     ]
 
 
