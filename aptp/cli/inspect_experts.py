@@ -116,8 +116,12 @@ def inspect_experts(
     report = build_report(run, split=split.value, top_k=top_k, limit=limit, extra_stop_words=stop_word or (),
                           count=count.value, sort=sort.value)
     if fmt is Format.table:
+        from aptp.rundir import read_json
+
+        res = read_json(run.experts_json).get("macs_resolution") if run.experts_json.is_file() else None
+        at = f", MACs at {res} px" if res else ""
         out.print(rich_table(report, f"{len(report.summary)} experts of {run.path}, "
-                                     f"{len(report.prompts)} {report.split} prompts"))
+                                     f"{len(report.prompts)} {report.split} prompts{at}"))
     elif fmt is Format.markdown:
         out.file.write(to_markdown(report))
     elif fmt is Format.csv:
