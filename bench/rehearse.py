@@ -226,6 +226,26 @@ def run_measured(name: str, argv: list[str], log_dir: Path, env: dict[str, str])
     return row
 
 
+def mem_available_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def finetune_need_gib(run: Path, model: Path, ema: bool) -> float:
+    """Resident memory fine-tuning expert 0 needs, estimated: its fp32 weights, gradients and the
+    two AdamW moments (+ an EMA copy), the teacher pipeline (its weights on disk), ~1.5 GiB of
+    imports and activations at 256 px."""
+    experts = json.loads((run / "experts.json").read_text())["experts"]
+    params = next(e["params"] for e in experts if e["expert"] == 0)
+    teacher = sum(p.stat().st_size for p in model.rglob("*.safetensors"))
+    return (params * 4 * (5 if ema else 4) + teacher) / 2**30 + 1.5
+
+
 def folder_size_gib(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**30, 2)
 
@@ -259,6 +279,9 @@ def chain(a: argparse.Namespace, model: Path, data: Path, work: Path) -> list[tu
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| command | exit | wall time (s) | peak RSS (GiB) | CPU time (s) |", "|---|---:|---:|---:|---:|"]
     for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| `{r['command']}` | – | skipped: {r['skipped']} | | |")
+            continue
         lines.append(f"| `{r['command']}` | {r['exit_code']} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} | "
                      f"{r['cpu_s']:.1f} |")
     return "\n".join(lines)
@@ -280,6 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="Extra --set for prune/finetune/generate/eval (repeatable).")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    p.add_argument("--force-finetune", action="store_true",
+                   help="Fine-tune even when the estimated memory exceeds what is available.")
     p.add_argument("--build-only", action="store_true", help="Only build (or check) the pipeline folder.")
     p.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)  # the child that builds
     a = p.parse_args(argv)
@@ -287,6 +312,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.recipe is None:
         a.recipe = next((REPO / r for r in ("recipes/coco-base.yaml", "aptp/recipes/coco-base.yaml")
                          if (REPO / r).is_file()), REPO / "recipes/coco-base.yaml")
+    try:
+        import yaml
+
+        a.recipe_ema = bool(((yaml.safe_load(a.recipe.read_text()) or {}).get("finetune") or {}).get("ema", False))
+    except (OSError, ValueError, ImportError):
+        a.recipe_ema = True
     return a
 
 
@@ -322,11 +353,23 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "coco"
     build_coco(data, n_train=4 * a.batch_size + 4, n_val=4)
     for name, argv_ in chain(a, model, data, work):
+        if name == "finetune" and not a.force_finetune:
+            # A keep-all SD 2.1 expert with AdamW needs ~20 GiB: on a small shared machine say so
+            # instead of pushing it (and its neighbours) into the OOM killer.
+            ema = not any(x.replace(" ", "") == "finetune.ema=false" for x in a.set) and a.recipe_ema
+            need, free = finetune_need_gib(work / "run", model, ema), mem_available_gib()
+            if free is not None and need > 0.85 * free:
+                print(f"skipping finetune: it needs about {need:.1f} GiB, {free:.1f} GiB are available "
+                      "(--force-finetune runs it anyway; --set finetune.ema=false saves one copy)", flush=True)
+                rows.append({"command": name, "argv": argv_, "exit_code": None, "wall_s": None, "peak_rss_gib": None,
+                             "cpu_s": None, "log": None, "skipped": f"needs ~{need:.1f} GiB, {free:.1f} GiB available",
+                             "last_lines": []})
+                continue
         row = run_measured(name, argv_, logs, env)
         rows.append(row)
         if row["exit_code"] != 0:
             break
-    failed = [r for r in rows if r["exit_code"] != 0]
+    failed = [r for r in rows if r["exit_code"] not in (0, None)]
     result = {"family": a.family, "tiny": a.tiny, "model_folder": str(model), "model_gib": size,
               "recipe": str(a.recipe), "resolution": a.resolution, "batch_size": a.batch_size, "experts": a.experts,
               "prune_steps": a.prune_steps, "sample_steps": a.sample_steps,
