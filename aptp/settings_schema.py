@@ -52,7 +52,7 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Which diffusion model to prune / fine-tune / sample from."""
 
-    name: str = Field("toy", description="Model alias (toy, sd2.1), local diffusers folder, or hub id.")
+    name: str = Field("toy", description="Model alias (toy, sd2.1, sd1.5, sdxl), local diffusers folder, or hub id.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); None = default.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Dtype the model weights are loaded in."
