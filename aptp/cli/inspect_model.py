@@ -15,7 +15,7 @@ from aptp.cli.common import RecipeOpt, SetOpt, command, out, settings_from
 from aptp.engine.report import model_report
 from aptp.engine.space import KINDS, build_space
 from aptp.errors import AptpUserError
-from aptp.models.registry import build_unet, default_resolution, resolve_model, vae_scale_factor
+from aptp.models.registry import build_unet, default_resolution, default_text_len, resolve_model, vae_scale_factor
 
 
 SHORT = {"resnet_channels": "res grp", "self_attn_heads": "self hd", "cross_attn_heads": "cross hd",
@@ -50,7 +50,7 @@ def read_vector(path: Path) -> torch.Tensor:
 def inspect_model(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (sd2.1, sd1.5, sdxl, toy), local diffusers folder or hub id.")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's native size).")] = None,
-    text_len: Annotated[Optional[int], typer.Option(help="Text tokens seen by cross-attention (default: the model's, 77 for SD).")] = None,
+    text_len: Annotated[Optional[int], typer.Option(help="Text tokens seen by cross-attention (default: the model's tokenizer length, 77 for SD).")] = None,
     vector: Annotated[Optional[Path], typer.Option(help="Also report an architecture vector (.json/.pt/.safetensors, length D).")] = None,
     save_space: Annotated[Optional[Path], typer.Option(help="Write the architecture space (unit order) as JSON to this file.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="table or json.")] = Format.table,
@@ -67,7 +67,7 @@ def inspect_model(
     if res % scale:
         raise AptpUserError(f"--resolution {res}: must be a multiple of the VAE scale factor {scale}")
     if text_len is None:
-        text_len = ref.alias.text_len if ref.alias is not None else 77
+        text_len = default_text_len(ref)
     if text_len < 1:
         raise AptpUserError(f"--text-len {text_len}: must be >= 1")
     unet = build_unet(ref, local_only=s.model.local_files_only)

@@ -224,6 +224,21 @@ def vae_scale_factor(ref: ModelRef, local_only: bool = False) -> int:
     return 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
 
 
+def default_text_len(ref: ModelRef) -> int:
+    """Tokens per prompt that cross-attention sees: the alias's, else a pipeline folder's tokenizer
+    ``model_max_length`` (the teacher's ``text_len`` while pruning), else 77 (CLIP's)."""
+    if ref.alias is not None:
+        return ref.alias.text_len
+    if ref.kind == "folder":
+        cfg = Path(ref.source) / "tokenizer" / "tokenizer_config.json"
+        try:
+            n = int(json.loads(cfg.read_text()).get("model_max_length", 77))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 77
+        return n if 0 < n <= 4096 else 77  # transformers writes a huge sentinel when unset
+    return 77
+
+
 def default_guidance(name: str | None) -> float:
     """The recommended guidance scale of a ``--model`` value: the alias's, else 7.5."""
     alias = ALIASES.get(name) if name is not None else None

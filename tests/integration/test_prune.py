@@ -189,3 +189,29 @@ def test_two_processes_train_what_one_process_trains(tiny_pipeline_dir, emb_cach
     # Adam moves each element by at most ~lr per step: 3 code steps bound the drift by 3·lr
     torch.testing.assert_close(a, b, atol=3 * lr, rtol=0)
     assert (a - b).abs().max() < 0.1 * (a - 3.0).abs().max()  # far below the codes' own movement
+
+
+def test_budget_is_counted_at_the_macs_resolution(tiny_pipeline_dir, emb_cache, tmp_path):
+    """Issue 12: the budget holds at `space.macs_resolution` (the deployment size), not at the
+    training resolution; experts.json says which, and inspect-model --vector agrees independently."""
+    run = tmp_path / "wn"
+    args = common(tiny_pipeline_dir, emb_cache) + ["--method", "weight-norm", "--budget", "0.6",
+                                                    "--set", "space.macs_resolution=64", "--quiet"]
+    res = cli(*args, "--output", str(run))
+    assert res.exit_code == 0, res.output
+    assert CliRunner().invoke(app, ["materialize", str(run), "--quiet"], env={"HF_HUB_OFFLINE": "1"}).exit_code == 0
+    info = json.loads((run / "experts.json").read_text())
+    assert (info["macs_resolution"], info["train_resolution"]) == (64, 16)
+    assert json.loads((run / "routing.json").read_text())["macs_resolution"] == 64
+    ratio = info["experts"][0]["macs_ratio"]
+    assert 0.59 <= ratio <= 0.6
+
+    def inspected(resolution: int) -> float:
+        out = CliRunner().invoke(app, ["inspect-model", "--model", str(tiny_pipeline_dir), "--resolution",
+                                       str(resolution), "--vector", str(run / "experts" / "expert-0" / "plan.json"),
+                                       "--format", "json"], env={"HF_HUB_OFFLINE": "1"})
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)["vector"]["macs_ratio"]
+
+    assert inspected(64) == pytest.approx(ratio, abs=1e-6)  # float32 in the report
+    assert abs(inspected(16) - ratio) > 1e-3  # the same architecture costs a different share at 16 px
