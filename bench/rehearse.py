@@ -205,8 +205,13 @@ def build_coco(root: Path, n_train: int, n_val: int, size: int = 320) -> None:
         (root / "annotations" / f"captions_{split}2014.json").write_text(json.dumps(data))
 
 
-def run_measured(name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run one command as a child process; wall time and peak RSS from ``os.wait4``."""
+def run_measured(name: str, argv: list[str], log_dir: Path, env: dict[str, str],
+                 min_free_gib: float = 0.0) -> dict[str, Any]:
+    """Run one command as a child process; wall time and peak RSS from ``os.wait4``.
+
+    The child is killed (and the row says so) if the machine's available memory falls below
+    ``min_free_gib`` while it runs: on a shared machine the OOM killer might pick a neighbour.
+    """
     log = log_dir / f"{name}.log"
     print(f"$ {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
@@ -214,10 +219,21 @@ def run_measured(name: str, argv: list[str], log_dir: Path, env: dict[str, str])
         fh.write(" ".join(argv) + "\n\n")
         fh.flush()
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
+        killed = None
+        while True:  # poll, so that a command about to exhaust the machine's memory is stopped first
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            free = mem_available_gib()
+            if killed is None and min_free_gib and free is not None and free < min_free_gib:
+                killed = f"stopped: only {free:.1f} GiB of memory left (--min-free-gib {min_free_gib})"
+                proc.kill()
+            time.sleep(0.1)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-3:]
+    if killed:
+        tail.append(killed)
     row = {"command": name, "argv": argv, "exit_code": proc.returncode, "wall_s": round(wall, 1),
            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
            "log": str(log), "last_lines": tail}
@@ -305,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     p.add_argument("--force-finetune", action="store_true",
                    help="Fine-tune even when the estimated memory exceeds what is available.")
+    p.add_argument("--min-free-gib", type=float, default=1.5,
+                   help="Kill a command when the machine's available memory drops below this (0: never).")
     p.add_argument("--build-only", action="store_true", help="Only build (or check) the pipeline folder.")
     p.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)  # the child that builds
     a = p.parse_args(argv)
@@ -365,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                              "cpu_s": None, "log": None, "skipped": f"needs ~{need:.1f} GiB, {free:.1f} GiB available",
                              "last_lines": []})
                 continue
-        row = run_measured(name, argv_, logs, env)
+        row = run_measured(name, argv_, logs, env, min_free_gib=a.min_free_gib)
         rows.append(row)
         if row["exit_code"] != 0:
             break
