@@ -307,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=["sd2.1", "sdxl"], default="sd2.1",
                    help="sd2.1: the real SD 2.1 topology (random weights); sdxl: a small random SDXL pipeline.")
-    p.add_argument("--tiny", action="store_true", help="A tiny config of the same topology (a dry run in ~2 min).")
+    p.add_argument("--tiny", action="store_true", help="A tiny config of the same topology (a dry run, ~1 min on an idle machine).")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "aptp-rehearsal")
     p.add_argument("--keep", action="store_true", help="Keep the data, run directory, samples and eval output.")
     p.add_argument("--recipe", type=Path, default=None, help="Default: recipes/coco-base.yaml (or aptp/recipes/).")
