@@ -89,8 +89,11 @@ class ExpertPipeline:
         ``on_images(batch_jobs, images)`` is called as soon as each batch is done (to write it
         out), then ``on_batch(len(batch))`` (progress). With ``on_images`` the images are handed
         over and not kept: the result is then empty, so memory does not grow with the jobs."""
+        from aptp.schedulers import check_scheduler_steps
+
         pipe = self.pipe
         pipe.scheduler = make_scheduler(pipe, g.scheduler)
+        check_scheduler_steps(pipe.scheduler, g.steps)  # one line, not a crash inside diffusers
         groups: dict[int | None, list[Job]] = {}
         for j in jobs:
             groups.setdefault(j.expert, []).append(j)

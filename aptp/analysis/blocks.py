@@ -16,7 +16,6 @@ the same numbers on a sliced model for the tests.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -130,7 +129,9 @@ def expert_block_table(run) -> pd.DataFrame:
     if not vectors:
         raise AptpUserError(f"{run.experts_json}: lists no experts")
     path, meta = first
-    config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    from aptp.rundir import read_json
+
+    config = read_json(Path(path) / CONFIG_FILE)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     if "latent_size" not in meta or "text_len" not in meta:

@@ -12,7 +12,6 @@ optional EMA, atomic checkpoints and ``--resume``. Working state lives in
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -57,7 +56,14 @@ def routed_indices(run: RunDir, k: int, is_main: bool, barrier: Callable[[], Non
         if is_main:
             write_route_index(run, "train", settings=settings)
         barrier()
-    return json.loads(path.read_text())["indices"]
+    from aptp.rundir import read_json
+
+    indices = read_json(path).get("indices")
+    if not isinstance(indices, list):
+        from aptp.rundir import damaged
+
+        raise damaged(path, "no list of indices", f"rebuild it with `aptp route {run.path} --data --overwrite`")
+    return indices
 
 
 class ExpertTrainer:

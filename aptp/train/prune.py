@@ -440,9 +440,22 @@ def routing_report(router: PromptRouter, macs, captions: list[str], budget: floa
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    from aptp.rundir import damaged
+
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if i == len(lines) - 1:  # a line cut short by a kill mid-write: it is redone anyway
+                break
+            raise damaged(path, exc, "move it aside and resume (the metrics log is rewritten from the "
+                                     "checkpoint on)") from None
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

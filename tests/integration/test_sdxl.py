@@ -162,12 +162,14 @@ def test_sliced_expert_in_the_stock_sdxl_pipeline_equals_the_gated_teacher(sdxl_
 
 def test_inspect_model_on_the_sdxl_folder(sdxl_dir):
     from aptp.engine.macs import count_macs
-    from aptp.models.registry import build_unet, resolve_model
+    from aptp.models.registry import build_unet, default_text_len, resolve_model
 
     res = cli("inspect-model", "--model", str(sdxl_dir), "--resolution", "16", "--format", "json",
               "--set", "space.ffn_groups=8")
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["units"]["by_kind"]["depth"] == 10 + 28
-    counted = count_macs(build_unet(resolve_model(str(sdxl_dir))), 8, text_len=77) / 1e9
+    ref = resolve_model(str(sdxl_dir))
+    assert report["text_len"] == default_text_len(ref)  # the folder's tokenizer length, as the teacher's
+    counted = count_macs(build_unet(ref), 8, text_len=report["text_len"]) / 1e9
     assert abs(report["gmacs"] - counted) <= 1e-9 + 1e-6 * counted
