@@ -58,12 +58,25 @@ def inputs(name: str, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, Condi
     return x, t, Conditioning(c, added)
 
 
-@pytest.fixture(scope="module", params=["sd1.5", "sdxl"])
-def model(request):
-    name = request.param
+def _tiny(name: str):
     unet = make_tiny_unet(**SHAPES[name])
     space = build_space(unet, ffn_groups=8)
     return name, unet, space, build_macs_model(unet, space, LATENT, text_len=TEXT)
+
+
+@pytest.fixture(scope="module", params=["sd1.5", "sdxl"])
+def model(request):
+    return _tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def sd15_model():
+    return _tiny("sd1.5")
+
+
+@pytest.fixture(scope="module")
+def sdxl_model():
+    return _tiny("sdxl")
 
 
 def random_vectors(space: ArchSpace, n: int = 12, seed: int = 1) -> list[torch.Tensor]:
@@ -111,10 +124,8 @@ def test_tiny_sdxl_space_nests_inner_blocks():
     assert ArchSpace.from_dict(space.to_dict()).segments == space.segments
 
 
-def test_tiny_sd15_space_has_no_inner_units(model):
-    name, unet, space, _ = model
-    if name != "sd1.5":
-        pytest.skip("SD 1.5 only")
+def test_tiny_sd15_space_has_no_inner_units(sd15_model):
+    name, unet, space, _ = sd15_model
     # one BasicTransformerBlock per Transformer2DModel: the paper's 14 depth units, nothing nested
     assert space.by_kind() == {"resnet_channels": 176, "self_attn_heads": 32, "cross_attn_heads": 32,
                                "ffn_channels": 128, "depth": 14}
@@ -149,10 +160,8 @@ def test_masked_equals_sliced_and_macs_match(model):
         gates.remove()
 
 
-def test_skipped_inner_blocks_are_identities(model):
-    name, unet, space, _ = model
-    if name != "sdxl":
-        pytest.skip("SDXL only")
+def test_skipped_inner_blocks_are_identities(sdxl_model):
+    name, unet, space, _ = sdxl_model
     v = random_vectors(space)[-3]  # every inner block skipped
     sliced, plan = slice_unet(unet, space, v)
     assert isinstance(sliced.down_blocks[2].attentions[1].transformer_blocks[2], SkippedTransformerBlock)
