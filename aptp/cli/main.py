@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from aptp import __version__
-from aptp.cli import evaluate, inspect_experts, inspect_model, prune, run_commands
+from aptp.cli import evaluate, inspect_experts, inspect_model, prune, run_commands, serve
 
 app = typer.Typer(
     name="aptp",
@@ -22,6 +22,7 @@ app.command("generate")(run_commands.generate)
 app.command("eval")(evaluate.evaluate)
 app.command("inspect-experts")(inspect_experts.inspect_experts)
 app.command("inspect-model")(inspect_model.inspect_model)
+app.command("serve")(serve.serve)
 
 
 def _version(value: bool) -> None:
