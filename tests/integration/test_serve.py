@@ -40,12 +40,13 @@ def cli(*args: str):
 
 @pytest.fixture(scope="module")
 def run(tiny_pipeline_dir, tmp_path_factory):
-    """A pruned and materialized tiny run (the pattern of test_experts.py's fixture)."""
+    """A pruned and materialized tiny run (the pattern of test_experts.py's fixture, fewer steps:
+    serving needs experts and a router, not good ones)."""
     root = tmp_path_factory.mktemp("serve")
     run = root / "run"
     res = cli("prune", "--model", str(tiny_pipeline_dir), "--resolution", "16", "--batch-size", "8",
-              "--warmup-steps", "2", "--steps", "6", "--experts", "4", "--output", str(run), "--quiet",
-              "--set", "data.max_samples=64", "--set", f"router.embedding_cache={root / 'emb'}",
+              "--warmup-steps", "1", "--steps", "2", "--experts", "4", "--output", str(run), "--quiet",
+              "--set", "data.max_samples=16", "--set", f"router.embedding_cache={root / 'emb'}",
               "--set", "prune.lr=0.5", "--set", "prune.lr_warmup_steps=1", "--set", "prune.budget=0.5")
     assert res.exit_code == 0, res.output
     res = cli("materialize", str(run), "--quiet")
