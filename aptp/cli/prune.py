@@ -35,19 +35,19 @@ def paper_recipe(data: str | None, model: str | None, recipe: Path | None, overr
 
 @command
 def prune(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Teacher: alias (toy, sd2.1), diffusers folder or hub id.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Teacher: alias (toy, sd2.1, sd1.5, sdxl), diffusers folder or hub id.")] = None,
     data: Annotated[Optional[str], typer.Option(help="shapes | coco | cc3m | PATH to an image folder with metadata.jsonl.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Root folder of coco / cc3m.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Target MACs as a fraction of the teacher's (0 < b <= 1).")] = None,
     experts: Annotated[Optional[int], typer.Option(help="Number of experts (architecture codes).")] = None,
     method: Annotated[Optional[str], typer.Option(help="aptp (prompt-routed experts) or uni-arch (one architecture).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default runs/<method>-<data>-<budget>x<experts>).")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Training image size.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training image size (default: the model's; MACs are counted at space.macs_resolution).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Steps with codes after warm-up.")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps (predictor's own vectors gate the model).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process.")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Base AdamW learning rate: x sqrt(global batch) unless --set prune.lr_scaling=none (paper: 2e-4).")] = None,
     prompt_encoder: Annotated[Optional[str], typer.Option(help="Sentence-transformer name or path.")] = None,
     optimal_transport: Annotated[Optional[bool], typer.Option("--optimal-transport/--no-optimal-transport", help="Sinkhorn routing while training (off: nearest code, the ablation).")] = None,
     distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Output + block distillation against the teacher.")] = None,
