@@ -55,6 +55,12 @@ def serve(
     from aptp.serve.app import ServeConfig, Server, create_app
     from aptp.serve.runner import Model
 
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise AptpUserError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AptpUserError(f"--device {device}: CUDA is not available here; use --device cpu")
     if threads is not None:
         torch.set_num_threads(threads)
     failure: dict[str, BaseException] = {}
