@@ -100,6 +100,28 @@ def summarize(records: list[dict], slo: float) -> dict:
             "within_slo": sum(r["latency"] <= slo for r in ok) / len(records)}
 
 
+def plot(results: dict[str, dict[float, dict]], slo: float, path: str, max_wait_ms: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, res in results.items():
+        rates = sorted(res)
+        ax1.plot(rates, [100 * res[r]["within_slo"] for r in rates], marker="o", label=name)
+        ax2.plot(rates, [res[r]["p95"] for r in rates], marker="o", label=name)
+    ax1.set(xlabel="offered load (requests/s)", ylabel=f"% within {slo:g} s", ylim=(0, 105))
+    ax2.set(xlabel="offered load (requests/s)", ylabel="p95 latency (s)")
+    ax2.axhline(slo, color="grey", lw=0.8, ls="--")
+    ax1.legend()
+    if max_wait_ms is not None:
+        fig.suptitle(f"aptp serve, open-loop Poisson load (max wait {max_wait_ms:g} ms)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -117,7 +139,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per server.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="Write a PNG: share within the SLO and p95 per rate.")
+    ap.add_argument("--from-json", default=None, help="Only redraw --plot from an earlier --json.")
     a = ap.parse_args()
+    if a.from_json:
+        d = json.loads(Path(a.from_json).read_text())
+        plot({k: {float(r): s for r, s in v.items()} for k, v in d["results"].items()}, d["args"]["slo"],
+             a.plot or str(Path(a.from_json).with_suffix(".png")), d["args"].get("max_wait_ms"))
+        return
 
     from aptp.data import build_dataset
     from aptp.rundir import RunDir
@@ -179,6 +208,8 @@ def main() -> None:
           + ", ".join(f"{k} {v:g}/s" for k, v in sustained.items()))
     if sustained["full"] > 0:
         print(f"mixture / full: {sustained['mixture'] / sustained['full']:.2f}x")
+    if a.plot:
+        plot(results, a.slo, a.plot, a.max_wait_ms)
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": {k: {str(r): s for r, s in v.items()}
                                                                           for k, v in results.items()},
