@@ -15,6 +15,23 @@ from aptp.errors import AptpUserError
 logger = logging.getLogger(__name__)
 
 
+def _check_port(host: str, port: int) -> None:
+    """One line (exit 2) for a port that is taken, before minutes of loading."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise AptpUserError(f"--host {host}: {exc.strerror or exc}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise AptpUserError(f"--host {host} --port {port}: {exc.strerror or exc}; choose another port") from None
+
+
 @command
 def serve(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with materialized experts.")],
@@ -61,6 +78,7 @@ def serve(
         raise AptpUserError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AptpUserError(f"--device {device}: CUDA is not available here; use --device cpu")
+    _check_port(host, port)
     if threads is not None:
         torch.set_num_threads(threads)
     failure: dict[str, BaseException] = {}
