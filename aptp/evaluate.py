@@ -203,19 +203,86 @@ def _read_images(t: Target, captions: list[str], resolution: int) -> tuple[list[
     return [resize_for_eval(Image.open(Path(t.path) / r["file"]), resolution) for r in chosen], info
 
 
-def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None = None,
-             on_target: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Evaluate every target on the same captions and real images; one result row per target."""
-    from aptp.metrics import PickScore, compute_metrics
-    from aptp.metrics.clip_score import clip_scores
+def _per_image(images: list[Image.Image], captions: list[str], metrics: list[str], clip, fid, pick,
+               dataset_id: str, load_real: Callable[[], list[Image.Image]]) -> dict[str, Any]:
+    """What the bootstrap resamples, per metric: ``{"clip": (N,) scores, "pickscore": (N,) scores,
+    "fid": (real stats, (N, d) features), "cmmd": ((M, d) real, (N, d) generated embeddings)}``.
 
+    The real statistics come from the cache :func:`~aptp.metrics.compute_metrics` has just filled
+    (same key), so the real images are not read again.
+    """
+    from aptp.metrics import real_statistics
+    from aptp.metrics.clip_score import clip_scores_from_features
+
+    out: dict[str, Any] = {}
+    fidnet = fid if fid is not None else clip
+    clip_fake = clip.image_features(images) if {"clip", "cmmd"} & set(metrics) or ("fid" in metrics and fidnet is clip) else None
+    if "clip" in metrics:
+        out["clip"] = clip_scores_from_features(clip_fake, clip.text_features(captions))
+    if "pickscore" in metrics:
+        out["pickscore"] = pick.scores(images, captions).detach().to(torch.float64).cpu()
+    if "cmmd" in metrics:
+        real = real_statistics(dataset_id, clip, load_real, keep_features=True)
+        out["cmmd"] = (real.features, clip_fake)
+    if "fid" in metrics:
+        real = real_statistics(dataset_id, fidnet, load_real)
+        out["fid"] = (real, clip_fake if fidnet is clip else fidnet.image_features(images))
+    return out
+
+
+def _statistic(metric: str, data: Any, cmmd_estimator: str):
+    from aptp.metrics.bootstrap import cmmd_statistic, fd_statistic, mean_statistic
+
+    if metric == "fid":
+        return fd_statistic(*data)
+    if metric == "cmmd":
+        return cmmd_statistic(*data, estimator=cmmd_estimator)
+    return mean_statistic(data)
+
+
+def add_intervals(rows: list[dict[str, Any]], distributions: list[dict[str, torch.Tensor]],
+                  reference_index: int, resamples: int, seed: int) -> None:
+    """Add to each row ``bootstrap = {"reference", "resamples", "seed", "metrics": {metric:
+    {"value", "ci95", "delta", "delta_ci95"}}}``: the target's 95% interval and its paired
+    difference from the reference target (0 with ``[0, 0]`` for the reference itself)."""
+    from aptp.metrics.bootstrap import paired_summary, summary
+
+    ref_row, ref_dist = rows[reference_index], distributions[reference_index]
+    for row, dist in zip(rows, distributions):
+        per = {}
+        for metric, d in dist.items():
+            entry = summary(row[metric], d)
+            if metric in ref_dist:
+                entry.update(paired_summary(row[metric], ref_row[metric], d, ref_dist[metric]))
+            per[metric] = entry
+        row["bootstrap"] = {"reference": ref_row["target"], "resamples": resamples, "seed": seed, "metrics": per}
+
+
+def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None = None,
+             on_target: Callable[[str], None] | None = None,
+             reference_target: str | None = None) -> list[dict[str, Any]]:
+    """Evaluate every target on the same captions and real images; one result row per target.
+
+    Each row keeps the per-prompt CLIP scores and PickScores (``per_image``) and, with
+    ``eval.bootstrap`` resamples (0 = off), the 95% bootstrap interval of every metric and the
+    paired difference from ``reference_target`` (a target as given; default the first): see
+    :func:`add_intervals` and :mod:`aptp.metrics.bootstrap`.
+    """
+    from aptp.metrics import PickScore, compute_metrics
+    from aptp.metrics.bootstrap import bootstrap_distribution, resample_indices
+
+    if reference_target is not None and reference_target not in targets:
+        raise AptpUserError(f"--reference {reference_target}: not one of the targets ({', '.join(targets)}); "
+                            "give it exactly as it is given among the targets")
+    ref_index = targets.index(reference_target) if reference_target is not None else 0
     parsed = [classify(t) for t in targets]
     e = settings.eval
     captions, load_real, key = reference(settings, e.limit)
     clip, fid = feature_networks(settings)
     pick = PickScore.from_pretrained(e.pickscore_model) if "pickscore" in e.metrics else None
     tiers = tiers_of(settings, len(captions))
-    rows = []
+    indices = resample_indices(len(captions), e.bootstrap, e.bootstrap_seed) if e.bootstrap > 0 else None
+    rows, distributions = [], []
     for t in parsed:
         if on_target is not None:
             on_target(t.name)
@@ -233,10 +300,18 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
                                  cmmd_estimator=e.cmmd_estimator)
         row = {"target": t.name, "kind": t.kind, **info,
                **scores, "cmmd_estimator": e.cmmd_estimator}
-        if tiers is not None and "clip" in e.metrics:
-            per = clip_scores(images, captions, clip)  # already at e.resolution
+        # images are already at e.resolution, as compute_metrics scored them
+        wanted = list(e.metrics) if indices is not None else [m for m in e.metrics if m in ("clip", "pickscore")]
+        data = _per_image(images, captions, wanted, clip, fid, pick, f"{key}@{e.resolution}px", load_real)
+        if tiers is not None and "clip" in data:
             for tier in dict.fromkeys(tiers):
                 mask = torch.tensor([x == tier for x in tiers])
-                row[f"clip_{tier}"] = float(per[mask].mean())
+                row[f"clip_{tier}"] = float(data["clip"][mask].mean())
+        row["per_image"] = {m: [float(x) for x in data[m]] for m in ("clip", "pickscore") if m in data}
+        if indices is not None:
+            distributions.append({m: bootstrap_distribution(_statistic(m, data[m], e.cmmd_estimator), indices)
+                                  for m in e.metrics if m in data})
         rows.append(row)
+    if indices is not None:
+        add_intervals(rows, distributions, ref_index, e.bootstrap, e.bootstrap_seed)
     return rows

@@ -235,6 +235,10 @@ class EvalSettings(_Section):
     )
     split: str = Field("validation", description="Data split whose captions and images are the reference.")
     resolution: int = Field(256, ge=1, description="Images are resized to this size before scoring.")
+    bootstrap: int = Field(
+        1000, ge=0, description="Bootstrap resamples of the prompts for the 95% intervals and paired deltas; 0 = off."
+    )
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap draws (the same draws for every target).")
 
 
 class Settings(BaseModel):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from aptp.cli.common import RecipeOpt, SetOpt, command, err, out, settings_from, setup_logging
@@ -18,10 +19,57 @@ COLUMNS = [("target", "target"), ("macs_ratio", "MACs ratio"), ("seconds_per_ima
            ("clip", "CLIP"), ("cmmd", "CMMD"), ("pickscore", "PickScore")]
 
 
+METRIC_KEYS = ("fid", "clip", "cmmd", "pickscore")
+
+
 def _fmt(v) -> str:
     if v is None:
         return "–"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _cell(r: dict, k: str) -> str:
+    """A metric with its 95% interval, ``65.5 [64.9, 66.1]``, when the row has one."""
+    b = (r.get("bootstrap") or {}).get("metrics", {}).get(k)
+    if b is None:
+        return _fmt(r.get(k))
+    lo, hi = b["ci95"]
+    return f"{_fmt(r.get(k))} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _delta_cell(r: dict, k: str) -> str:
+    """The paired difference from the reference with its 95% interval (``ref`` on the reference)."""
+    boot = r.get("bootstrap") or {}
+    b = boot.get("metrics", {}).get(k)
+    if b is None or "delta" not in b:
+        return "–"
+    if boot.get("reference") == r["target"]:
+        return "ref"
+    lo, hi = b["delta_ci95"]
+    return f"{b['delta']:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+
+
+def flat_row(r: dict) -> dict:
+    """A result row for CSV: the intervals as ``<metric>_ci95_lo`` ... ``<metric>_delta_ci95_hi``
+    columns and ``reference``; the per-image scores stay in results.json."""
+    flat = {k: v for k, v in r.items() if k not in ("bootstrap", "per_image")}
+    boot = r.get("bootstrap")
+    if boot:
+        flat["reference"] = boot["reference"]
+        for m, b in boot["metrics"].items():
+            flat[f"{m}_ci95_lo"], flat[f"{m}_ci95_hi"] = b["ci95"]
+            if "delta" in b:
+                flat[f"{m}_delta"] = b["delta"]
+                flat[f"{m}_delta_ci95_lo"], flat[f"{m}_delta_ci95_hi"] = b["delta_ci95"]
+    return flat
+
+
+def _write_csv(fh, rows: list[dict]) -> None:
+    flat = [flat_row(r) for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    w = csv.DictWriter(fh, fieldnames=fields)
+    w.writeheader()
+    w.writerows(flat)
 
 
 def check_generation_steps(targets: list[str], s) -> None:
@@ -54,12 +102,17 @@ def evaluate(
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the model's recommended, 7.5 for SD 2.1, 3 for toy).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results.csv, results.json and the generated images here.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --output.")] = False,
+    reference: Annotated[Optional[str], typer.Option(help="Target the paired differences are taken against, as given among the targets (default: the first).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json (stdout).")] = "table",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Generate for the evaluation captions and report FID, CLIP score, CMMD (PickScore), MACs and s/img."""
+    """Generate for the evaluation captions and report FID, CLIP score, CMMD (PickScore), MACs and s/img.
+
+    Each metric comes with its 95% bootstrap interval over the prompts and each target's paired
+    difference from --reference with its interval (`--set eval.bootstrap=N` resamples, 0 = off;
+    `eval.bootstrap_seed`)."""
     from aptp.evaluate import evaluate as run_eval
     from aptp.evaluate import run_path
     from aptp.io import prepare_output_dir
@@ -67,6 +120,8 @@ def evaluate(
 
     if fmt not in ("table", "csv", "json"):
         raise AptpUserError(f"--format {fmt}: expected table, csv or json")
+    if reference is not None and reference not in targets:
+        raise AptpUserError(f"--reference {reference}: not one of the targets; give it exactly as among the targets")
     first_run = next((p for p in map(run_path, targets) if p is not None), None)
     if recipe is None and first_run is not None:
         recipe = first_run / "settings.yaml"
@@ -78,30 +133,34 @@ def evaluate(
     setup_logging(quiet)
     out_dir = prepare_output_dir(output, overwrite=overwrite, resume=False) if output is not None else None
     rows = run_eval(targets, s, images_dir=out_dir / "images" if out_dir else None,
-                    on_target=None if quiet else (lambda name: err.print(f"evaluating {name} ...", markup=False)))
+                    on_target=None if quiet else (lambda name: err.print(f"evaluating {name} ...", markup=False)),
+                    reference_target=reference)
     if out_dir is not None:
         write_settings(s, out_dir)
         (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
         with open(out_dir / "results.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+            _write_csv(fh, rows)
     if fmt == "json":
         out.print_json(json.dumps(rows))
     elif fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+        _write_csv(buf, rows)
         out.file.write(buf.getvalue())
     else:
         tier_cols = [(k, k.replace("clip_", "CLIP ")) for k in rows[0] if k.startswith("clip_") and k != "clip_features"]
         shown = [(k, label) for k, label in COLUMNS + tier_cols if any(r.get(k) is not None for r in rows)]
+        boot = rows[0].get("bootstrap")
+        deltas = [(k, f"Δ {label}") for k, label in shown if boot and k in boot["metrics"]]
         n = rows[0].get("n_images")
-        t = Table(title=f"{s.data.name} {s.eval.split}: {n} prompts, images at {s.eval.resolution}px "
-                        f"(features: {rows[0].get('clip_features') or rows[0].get('fid_features')})")
-        for _, label in shown:
+        title = (f"{s.data.name} {s.eval.split}: {n} prompts, images at {s.eval.resolution}px "
+                 f"(features: {rows[0].get('clip_features') or rows[0].get('fid_features')})")
+        if boot:
+            title += (f"\n[lo, hi]: 95% bootstrap interval over prompts ({boot['resamples']} resamples); "
+                      f"Δ: paired difference from {boot['reference']}")
+        t = Table(title=escape(title))
+        for _, label in shown + deltas:
             t.add_column(label, justify="left" if label == "target" else "right")
         for r in rows:
-            t.add_row(*[_fmt(r.get(k)) for k, _ in shown])
+            t.add_row(*[_cell(r, k) if k in METRIC_KEYS else _fmt(r.get(k)) for k, _ in shown],
+                      *[_delta_cell(r, k) for k, _ in deltas])
         out.print(t)

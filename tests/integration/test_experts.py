@@ -247,11 +247,28 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
 
     export_image_folder(tmp_path / "real", "validation", 4)  # an imagefolder (metadata.jsonl) target
     res = cli("eval", str(run), str(tiny_pipeline_dir), str(tmp_path / "gen"), str(tmp_path / "real"), f"{run}@initial",
-              "--limit", "4", "--steps", "2",
+              "--limit", "4", "--steps", "2", "--reference", str(tiny_pipeline_dir),
               "--output", str(tmp_path / "eval"), "--format", "json", "--quiet",
-              "--set", f"eval.clip_model=domain-clip:{clip_dir}")
+              "--set", f"eval.clip_model=domain-clip:{clip_dir}", "--set", "eval.bootstrap=200")
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
+    # 95% bootstrap intervals per target and metric, paired differences from the reference (the teacher)
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == rows
+    for r in rows:
+        boot = r["bootstrap"]
+        assert boot["reference"] == str(tiny_pipeline_dir) and boot["resamples"] == 200
+        assert set(boot["metrics"]) == {"fid", "clip", "cmmd"} and len(r["per_image"]["clip"]) == 4
+        assert r["clip"] == pytest.approx(sum(r["per_image"]["clip"]) / 4)
+        for m, b in boot["metrics"].items():
+            assert b["value"] == r[m] and b["ci95"][0] <= b["ci95"][1]
+            assert b["delta"] == pytest.approx(r[m] - rows[1][m])
+            assert b["delta_ci95"][0] <= b["delta_ci95"][1]
+    assert all(b["delta"] == 0 and b["delta_ci95"] == [0, 0] for b in rows[1]["bootstrap"]["metrics"].values())
+    # the run's own images and `aptp generate`'s folder of them: same prompts, same seeds, same images
+    assert rows[2]["bootstrap"]["metrics"]["clip"]["delta_ci95"] == pytest.approx(
+        rows[0]["bootstrap"]["metrics"]["clip"]["delta_ci95"], abs=1.0)
+    header = (tmp_path / "eval" / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"reference", "clip_ci95_lo", "clip_ci95_hi", "clip_delta", "clip_delta_ci95_lo", "fid_delta_ci95_hi"} <= set(header)
     assert [r["kind"] for r in rows] == ["run", "model", "images", "images", "run"]
     assert rows[4]["target"] == f"{run}@initial" and rows[4]["macs_ratio"] == rows[0]["macs_ratio"]
     rows = rows[:4]
@@ -272,6 +289,16 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     for target in (tmp_path / "nothing-here", f"{tmp_path / 'nothing-here'}@initial"):
         bad = cli("eval", str(target), "--limit", "2")
         assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    bad = cli("eval", str(tmp_path / "gen"), "--reference", str(tmp_path / "real"), "--limit", "2")
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--reference" in bad.stderr, bad.stderr
+    # the table: each metric with its interval, a Δ column per metric, "ref" on the reference row
+    table = cli("eval", str(tmp_path / "gen"), str(tmp_path / "real"), "--limit", "4", "--reference", str(tmp_path / "real"),
+                "--quiet", "--set", f"eval.clip_model=domain-clip:{clip_dir}", "--set", "eval.bootstrap=50")
+    assert table.exit_code == 0, table.output
+    assert "Δ CLIP" in table.stdout and "ref" in table.stdout and "95% bootstrap interval" in table.stdout, table.stdout
+    off = cli("eval", str(tmp_path / "real"), "--limit", "4", "--format", "json", "--quiet",
+              "--set", f"eval.clip_model=domain-clip:{clip_dir}", "--set", "eval.bootstrap=0")
+    assert off.exit_code == 0 and "bootstrap" not in json.loads(off.stdout)[0], off.output
 
 
 def _validation_captions(run, n):
