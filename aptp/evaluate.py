@@ -251,7 +251,7 @@ def add_intervals(rows: list[dict[str, Any]], distributions: list[dict[str, torc
     for row, dist in zip(rows, distributions):
         per = {}
         for metric, d in dist.items():
-            entry = summary(row[metric], d)
+            entry = {**summary(row[metric], d), "resamples": int(d.numel())}
             if metric in ref_dist:
                 entry.update(paired_summary(row[metric], ref_row[metric], d, ref_dist[metric]))
             per[metric] = entry
@@ -309,8 +309,11 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
                 row[f"clip_{tier}"] = float(data["clip"][mask].mean())
         row["per_image"] = {m: [float(x) for x in data[m]] for m in ("clip", "pickscore") if m in data}
         if indices is not None:
-            distributions.append({m: bootstrap_distribution(_statistic(m, data[m], e.cmmd_estimator), indices)
-                                  for m in e.metrics if m in data})
+            # per-prompt means are cheap; FD / CMMD recompute a set statistic per draw, so they take
+            # the first eval.bootstrap_sets draws (the same ones for every target: still paired)
+            draws = {m: indices if m in ("clip", "pickscore") else indices[: e.bootstrap_sets] for m in e.metrics}
+            distributions.append({m: bootstrap_distribution(_statistic(m, data[m], e.cmmd_estimator), draws[m])
+                                  for m in e.metrics if m in data and len(draws[m])})
         rows.append(row)
     if indices is not None:
         add_intervals(rows, distributions, ref_index, e.bootstrap, e.bootstrap_seed)

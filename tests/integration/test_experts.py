@@ -249,7 +249,8 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     res = cli("eval", str(run), str(tiny_pipeline_dir), str(tmp_path / "gen"), str(tmp_path / "real"), f"{run}@initial",
               "--limit", "4", "--steps", "2", "--reference", str(tiny_pipeline_dir),
               "--output", str(tmp_path / "eval"), "--format", "json", "--quiet",
-              "--set", f"eval.clip_model=domain-clip:{clip_dir}", "--set", "eval.bootstrap=200")
+              "--set", f"eval.clip_model=domain-clip:{clip_dir}", "--set", "eval.bootstrap=200",
+              "--set", "eval.bootstrap_sets=30")
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     # 95% bootstrap intervals per target and metric, paired differences from the reference (the teacher)
@@ -258,6 +259,8 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
         boot = r["bootstrap"]
         assert boot["reference"] == str(tiny_pipeline_dir) and boot["resamples"] == 200
         assert set(boot["metrics"]) == {"fid", "clip", "cmmd"} and len(r["per_image"]["clip"]) == 4
+        # per-prompt means take every draw; the set statistics (FD, CMMD) the first bootstrap_sets
+        assert [boot["metrics"][m]["resamples"] for m in ("clip", "fid", "cmmd")] == [200, 30, 30]
         assert r["clip"] == pytest.approx(sum(r["per_image"]["clip"]) / 4)
         for m, b in boot["metrics"].items():
             assert b["value"] == r[m] and b["ci95"][0] <= b["ci95"][1]
