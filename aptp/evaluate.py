@@ -132,7 +132,7 @@ def _generate_target(t: Target, settings: Settings, captions: list[str],
     Each finished batch is resized to ``eval.resolution`` at once (and saved at full size to
     ``save_dir``), so memory holds only the small copies however many captions there are.
     """
-    from aptp.generate import ExpertPipeline, plan_jobs
+    from aptp.generate import ExpertPipeline, generation_size, plan_jobs
     from aptp.metrics import resize_for_eval
     from aptp.rundir import RunDir
     from aptp.train.teacher import load_teacher
@@ -145,8 +145,8 @@ def _generate_target(t: Target, settings: Settings, captions: list[str],
         jobs = plan_jobs(run, captions, g.seed, None, False)
         ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()}
         macs = sum(ratios[j.expert] for j in jobs) / len(jobs)
-        # generate at the run's deployment size (its MACs resolution), not its training resolution
-        res = s.generate.height or s.space.macs_resolution or s.data.resolution
+        # the run's generation size (its deployment resolution), not its training resolution
+        h, w = generation_size(s, g)
         ep = ExpertPipeline(run, pipe, weights=t.weights)
         for k in sorted({j.expert for j in jobs}):
             run.expert_dir(k, t.weights)  # one clear line before any generation if weights are missing
@@ -158,8 +158,8 @@ def _generate_target(t: Target, settings: Settings, captions: list[str],
         jobs = plan_jobs(None, captions, g.seed, None, True)
         macs = 1.0
         res = default_resolution(resolve_model(t.path))
+        h, w = g.height or res, g.width or res
         ep = ExpertPipeline(None, pipe, model=t.path)
-    h, w = g.height or res, g.width or res
     small: dict[int, Image.Image] = {}
     saving = 0.0
 

@@ -48,7 +48,7 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None, align: in
         raise AptpUserError(f"{experts_root} already exists; pass --overwrite to materialize again")
     teacher = teacher or load_teacher(s.model)
     space = run.space
-    from aptp.train.prune import macs_resolution
+    from aptp.models.profiles import macs_resolution
 
     res = macs_resolution(s, teacher.vae_scale_factor)  # the deployment resolution, not the training one
     latent = res // teacher.vae_scale_factor
@@ -114,9 +114,10 @@ def read_prompts(prompts: list[str], file: str | None) -> list[str]:
     return out
 
 
-def route_prompts(run: RunDir, prompts: list[str]) -> list[dict[str, Any]]:
-    """Route prompts (inference: cosine, hard codes, no noise); one record per prompt, input order."""
-    router = run.router()
+def route_prompts(run: RunDir, prompts: list[str], router=None) -> list[dict[str, Any]]:
+    """Route prompts (inference: cosine, hard codes, no noise); one record per prompt, input order.
+    ``router``: the run's router if already loaded (it is loaded otherwise)."""
+    router = router or run.router()
     ratios = {}
     if run.experts_json.is_file():
         ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()}
@@ -158,14 +159,15 @@ def write_route_index(run: RunDir, split: str, *, overwrite: bool = False, setti
 
     s = settings or run.settings
     ds = build_dataset(s.data, split=split, seed=s.seed)
-    records = route_prompts(run, ds.captions())
+    router = run.router()
+    records = route_prompts(run, ds.captions(), router)
     out = route_dir(run, split, s)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise AptpUserError(f"{out} already exists; pass --overwrite to route again")
     by_expert: dict[int, list[int]] = {}
     for i, r in enumerate(records):
         by_expert.setdefault(r["expert"], []).append(i)
-    router_codes = run.router().num_codes
+    router_codes = router.num_codes
     for k in range(router_codes):
         atomic_write_json(out / f"expert-{k}.json", {"expert": k, "split": split, "data": s.data.name,
                                                      "data_identity": data_identity(s),

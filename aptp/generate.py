@@ -35,6 +35,14 @@ class Job:
     seed: int
 
 
+def generation_size(s, g=None) -> tuple[int, int]:
+    """(height, width) a run generates at: ``g``'s (e.g. flags on top of the run's settings), else
+    the run's ``generate`` size, else its deployment (MACs) resolution, else its training one."""
+    res = s.space.macs_resolution or s.data.resolution
+    g = g or s.generate
+    return g.height or s.generate.height or res, g.width or s.generate.width or res
+
+
 def make_scheduler(pipe, name: str):
     from diffusers import DDIMScheduler, PNDMScheduler
 
@@ -151,8 +159,7 @@ def generate(run: RunDir, prompts: list[str], out_dir: Path, g: GenerateSettings
             raise AptpUserError(f"--expert {expert}: the run has experts 0..{n - 1}")
     if pipe is None:
         pipe = load_teacher(s.model).pipeline
-    height = g.height or s.data.resolution
-    width = g.width or s.data.resolution
+    height, width = generation_size(s, g)
     jobs = plan_jobs(run, prompts, g.seed, expert, full)
     ep = ExpertPipeline(run, pipe, weights=weights)
     ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()} if run.experts_json.is_file() else {}

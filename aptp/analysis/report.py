@@ -209,7 +209,7 @@ def render_samples(report: ExpertReport, n: int, steps: int | None = None, weigh
     Returns:
         (images per expert, prompts per expert), both in display order.
     """
-    from aptp.generate import ExpertPipeline, Job
+    from aptp.generate import ExpertPipeline, Job, generation_size
 
     run = report.run
     s = run.settings
@@ -222,7 +222,7 @@ def render_samples(report: ExpertReport, n: int, steps: int | None = None, weigh
         from aptp.train.teacher import load_teacher
 
         pipe = load_teacher(s.model).pipeline
-    height, width = g.height or s.data.resolution, g.width or s.data.resolution
+    height, width = generation_size(s, g)
     images = ExpertPipeline(run, pipe, weights=weights).render(jobs, g, height, width)
     return ({k: [images[i] for i, _ in items] for k, items in picked.items()},
             {k: [p for _, p in items] for k, items in picked.items()})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PAPER_PROFILE", "generation_resolution", "model_defaults"]
+__all__ = ["PAPER_PROFILE", "generation_resolution", "macs_resolution", "model_defaults"]
 
 PAPER_PROFILE: dict[str, Any] = {
     "data.resolution": 256,
@@ -51,16 +51,27 @@ def generation_resolution(name: str, local_only: bool = False) -> int | None:
         return None
 
 
+def macs_resolution(settings, vae_scale_factor: int) -> int:
+    """The image size MACs are counted at: ``space.macs_resolution``, else the model's generation
+    resolution, else the training resolution; a multiple of the VAE scale factor."""
+    from aptp.errors import SettingsError
+
+    res = settings.space.macs_resolution
+    if res is None:
+        res = generation_resolution(settings.model.name) or settings.data.resolution
+    if res % vae_scale_factor:
+        raise SettingsError(f"space.macs_resolution {res}: must be a multiple of the VAE scale factor {vae_scale_factor}")
+    return int(res)
+
+
 def _family(name: str) -> str:
     """``toy`` for the embedded model, ``sdxl`` for SDXL-style U-Nets, else ``sd``."""
     from aptp.errors import AptpUserError
-    from aptp.models.registry import ALIASES, resolve_model, unet_config
+    from aptp.models.registry import resolve_model, unet_config
 
     if name == "toy":
         return "toy"
-    if name in ALIASES:
-        return "sdxl" if name.startswith("sdxl") else "sd"
-    try:
+    try:  # aliases ship their U-Net config, so this works offline for them too
         cfg = unet_config(resolve_model(name))
     except (AptpUserError, OSError, ValueError, KeyError, TypeError):
         return "sd"

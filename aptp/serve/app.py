@@ -240,7 +240,7 @@ def create_app(server: Server) -> FastAPI:
             return error(422, f"n: {body.n} images exceed the queue limit of {server.config.queue_limit}",
                          "invalid_request_error")
         if body.size is None:
-            width = height = mdl.resolution
+            height, width = mdl.size
         else:
             width, height = (int(x) for x in body.size.split("x"))
         if width % mdl.scale or height % mdl.scale:

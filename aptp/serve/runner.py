@@ -35,7 +35,7 @@ class Model:
 
     def __init__(self, run, *, full: bool = False, weights: str = "auto", device: str = "cpu",
                  dtype: str | None = None):
-        from aptp.generate import ExpertPipeline
+        from aptp.generate import ExpertPipeline, generation_size
         from aptp.train.teacher import load_teacher
 
         s = run.settings
@@ -53,7 +53,7 @@ class Model:
             self.router = None
         self._route_lock = threading.Lock()
         self._steps_ok: dict[int, str | None] = {}
-        self.resolution = int(s.data.resolution)
+        self.size = generation_size(s)  # (height, width) when a request names none
         self.scale = int(pipe.vae_scale_factor)
 
     @property

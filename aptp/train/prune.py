@@ -41,6 +41,7 @@ import torch
 from aptp.data import build_dataset
 from aptp.engine.gates import UNetGates
 from aptp.engine.macs import build_macs_model
+from aptp.models.profiles import macs_resolution
 from aptp.engine.space import build_space
 from aptp.errors import AptpUserError, SettingsError
 from aptp.io import atomic_write_json, atomic_write_text, prepare_output_dir
@@ -399,19 +400,6 @@ class Pruner:
             return build_dataset(self.s.data, split="validation", seed=self.s.seed).captions()
         except AptpUserError:
             return self.dataset.captions()[:2000]
-
-
-def macs_resolution(settings: Settings, vae_scale_factor: int) -> int:
-    """The image size MACs are counted at: ``space.macs_resolution``, else the model's generation
-    resolution, else the training resolution; a multiple of the VAE scale factor."""
-    res = settings.space.macs_resolution
-    if res is None:
-        from aptp.models.profiles import generation_resolution
-
-        res = generation_resolution(settings.model.name) or settings.data.resolution
-    if res % vae_scale_factor:
-        raise SettingsError(f"space.macs_resolution {res}: must be a multiple of the VAE scale factor {vae_scale_factor}")
-    return int(res)
 
 
 def routing_report(router: PromptRouter, macs, captions: list[str], budget: float) -> dict[str, Any]:

@@ -270,7 +270,7 @@ def test_scheduler_policy_and_timeouts_in_process():
     gate = threading.Event()
 
     class FakeModel:
-        full, resolution, scale, expert_ids = False, 16, 8, [0]
+        full, size, scale, expert_ids = False, (16, 16), 8, [0]
         settings = type("S", (), {"generate": type("G", (), {"steps": 3})()})()
 
         def check_steps(self, steps):
