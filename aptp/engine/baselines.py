@@ -18,21 +18,15 @@ from aptp.engine.space import ArchSpace
 
 def unit_l1_norms(unet: nn.Module, space: ArchSpace) -> torch.Tensor:
     """(D,) L1 norm of the weights producing each width unit (NaN at depth units)."""
+    from aptp.engine.backbones import backbone_for
+
+    backbone = backbone_for(unet)
     norms = torch.full((space.size,), float("nan"), dtype=torch.float64)
     for seg in space.segments:
         if seg.kind == "depth":
             continue
-        m = unet.get_submodule(seg.module)
-        w = seg.unit_width
-        if seg.kind == "resnet_channels":
-            rows = m.conv1.weight.detach().abs().flatten(1).sum(1)  # (C,) filter norms
-        elif seg.kind.endswith("heads"):
-            rows = sum(getattr(m, n).weight.detach().abs().sum(1) for n in ("to_q", "to_k", "to_v"))
-        else:
-            proj = m.net[0].proj.weight.detach().abs().sum(1)
-            inner = m.net[2].in_features
-            rows = proj[:inner] + proj[inner : 2 * inner] if proj.numel() == 2 * inner else proj
-        norms[seg.offset : seg.stop] = rows.double().view(seg.size, w).sum(1)
+        rows = backbone.unit_norms(unet, seg)
+        norms[seg.offset : seg.stop] = rows.double().view(seg.size, seg.unit_width).sum(1)
     return norms
 
 

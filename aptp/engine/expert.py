@@ -3,7 +3,7 @@
 An expert directory holds::
 
     plan.json           the SlicePlan (kept unit indices per module) and provenance (MACs, base model)
-    config.json         the *base* (unpruned) U-Net config the plan applies to
+    config.json         the *base* (unpruned) model config the plan applies to (U-Net or transformer)
     model.safetensors   the sliced weights
 
 ``load_expert`` builds the base U-Net on the meta device (no random init, no download), replays the
@@ -79,7 +79,8 @@ def read_plan(path: str | Path) -> SlicePlan:
 
 
 def load_expert(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild an expert U-Net from its directory: meta base model → plan → stored weights.
+    """Rebuild an expert (a stock diffusers U-Net or transformer) from its directory: meta base
+    model → plan → stored weights.
 
     Raises:
         FileNotFoundError: a file of the expert directory is missing.
@@ -87,8 +88,7 @@ def load_expert(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             unexpected or wrongly shaped tensors); one line naming the file and the command that
             writes it again (an :class:`~aptp.errors.AptpUserError`).
     """
-    from diffusers import UNet2DConditionModel
-
+    from aptp.engine.backbones import backbone_for
     from aptp.rundir import damaged, read_json, read_safetensors
 
     path = Path(path)
@@ -97,9 +97,8 @@ def load_expert(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             raise FileNotFoundError(f"{path} is not an expert directory: {name} is missing")
     config = read_json(path / CONFIG_FILE)
     try:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
-    except (KeyError, TypeError, ValueError) as exc:
+        unet = backbone_for(config, str(path / CONFIG_FILE)).build(config, "meta")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise damaged(path / CONFIG_FILE, exc) from None
     plan = read_plan(path)
     try:

@@ -1,7 +1,10 @@
-"""Soft gates: apply a per-sample architecture vector to a live, stock diffusers U-Net.
+"""Soft gates: apply a per-sample architecture vector to a live, stock diffusers denoiser.
 
 Nothing of diffusers is copied: every gate is a forward hook on a stock module, placed where a
-zero gate equals removing the unit (so masked ≡ sliced, see DESIGN.md §3):
+zero gate equals removing the unit (so masked ≡ sliced, see DESIGN.md §3). Where each mask sits is
+the backbone adapter's answer (:meth:`~aptp.engine.backbones.base.Backbone.gate_targets`: the
+input channels of one or more layers; :meth:`~aptp.engine.backbones.base.Backbone.depth_mixer`);
+for the U-Net:
 
 - ResBlock width: the input of ``conv2`` (after norm2, activation and dropout), per GroupNorm group;
 - attention heads: the input of ``to_out[0]``, per head (zeroing queries would not zero a head);
@@ -38,46 +41,49 @@ def _expand_batch(v: torch.Tensor, n: int) -> torch.Tensor:
     return v.repeat(n // b, *([1] * (v.ndim - 1)))
 
 
-class UNetGates:
-    """Attach per-sample soft masks to a diffusers ``UNet2DConditionModel``.
+class Gates:
+    """Attach per-sample soft masks to a diffusers denoiser (U-Net or diffusion transformer).
 
     Usage::
 
-        gates = UNetGates(unet, space)
+        gates = Gates(model, space)
         with gates.apply(vector):          # (B, D) in [0, 1]
-            student = unet(x, t, c).sample
-        teacher = unet(x, t, c).sample     # gates off: the original model
+            student = model(x, t, c).sample
+        teacher = model(x, t, c).sample    # gates off: the original model
 
     Args:
-        unet: the U-Net (may be wrapped later by DDP; hooks stay attached to the modules).
-        space: its architecture space (``build_space(unet)``).
+        model: the denoiser (may be wrapped later by DDP; hooks stay attached to the modules).
+        space: its architecture space (``build_space(model)``).
     """
 
-    def __init__(self, unet: nn.Module, space: ArchSpace):
-        self.unet = unet
+    def __init__(self, model: nn.Module, space: ArchSpace):
+        from aptp.engine.backbones import backbone_for
+
+        self.model = model
         self.space = space
+        self.backbone = backbone_for(model)
         self._vector: torch.Tensor | None = None
         self._handles: list = []
         self._attach()
 
+    @property
+    def unet(self) -> nn.Module:  # the name before diffusion transformers
+        return self.model
+
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
         for seg in self.space.segments:
-            mod = self.unet.get_submodule(seg.module)
-            if seg.kind == "resnet_channels":
-                target = mod.conv2
-            elif seg.kind in ("self_attn_heads", "cross_attn_heads"):
-                target = mod.to_out[0]
-            elif seg.kind == "ffn_channels":
-                target = mod.net[2]
-            else:
-                self._handles.append(
-                    mod.register_forward_hook(self._depth_hook(seg, mod), with_kwargs=True)
-                )
+            if seg.kind == "depth":
+                mod = self.model.get_submodule(seg.module)
+                mixer = self.backbone.depth_mixer(self.model, seg)
+                self._handles.append(mod.register_forward_hook(self._depth_hook(seg, mixer), with_kwargs=True))
                 continue
-            self._handles.append(target.register_forward_pre_hook(self._width_hook(seg)))
+            for target, start in self.backbone.gate_targets(self.model, seg):
+                self._handles.append(target.register_forward_pre_hook(self._width_hook(seg, start)))
 
-    def _width_hook(self, seg: Segment):
+    def _width_hook(self, seg: Segment, start: int):
+        n = seg.size * seg.unit_width
+
         def hook(module: nn.Module, args: tuple):
             if self._vector is None:
                 return None
@@ -85,32 +91,22 @@ class UNetGates:
             # (B, units) -> (B, channels): each unit covers unit_width consecutive channels
             m = self._vector[:, seg.offset : seg.stop].repeat_interleave(seg.unit_width, dim=1)
             m = _expand_batch(m, x.shape[0]).to(x.dtype)
-            if x.ndim == 4:  # conv input (B, C, H, W)
-                m = m[:, :, None, None]
-            else:  # linear input (B, N, C)
-                m = m[:, None, :]
+            dim = 1 if x.ndim == 4 else x.ndim - 1  # conv input (B, C, H, W); linear input (B, N, C)
+            if start != 0 or n != x.shape[dim]:  # the unit's channels are a range of the input
+                full = torch.ones(m.shape[0], x.shape[dim], dtype=m.dtype, device=m.device)
+                m = torch.cat([full[:, :start], m, full[:, start + n :]], dim=1)
+            m = m[:, :, None, None] if x.ndim == 4 else m.view(m.shape[0], *([1] * (x.ndim - 2)), m.shape[1])
             return (x * m,) + tuple(args[1:])
 
         return hook
 
-    def _depth_hook(self, seg: Segment, mod: nn.Module):
-        out_channels = getattr(mod, "out_channels", None)
-        is_resnet = hasattr(mod, "conv1")
-
+    def _depth_hook(self, seg: Segment, mixer):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output):
             if self._vector is None:
                 return None
-            inp = args[0] if args else kwargs.get("input_tensor", kwargs.get("hidden_states"))
-            if is_resnet and inp.shape[1] != out_channels:
-                inp = inp[:, :out_channels]  # up block: keep the hidden state, drop the skip
-            u = _expand_batch(self._vector[:, seg.offset : seg.offset + 1], inp.shape[0])
-            u = u.to(inp.dtype).view(-1, *([1] * (inp.ndim - 1)))
-            if isinstance(output, torch.Tensor):
-                return u * output + (1 - u) * inp
-            if isinstance(output, tuple):
-                return (u * output[0] + (1 - u) * inp,) + tuple(output[1:])
-            output.sample = u * output.sample + (1 - u) * inp
-            return output
+            ref = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            u = _expand_batch(self._vector[:, seg.offset : seg.offset + 1], ref.shape[0])
+            return mixer(args, kwargs, output, u)
 
         return hook
 
@@ -132,7 +128,10 @@ class UNetGates:
             yield
 
     def remove(self) -> None:
-        """Detach all hooks; the U-Net is left exactly as it was."""
+        """Detach all hooks; the model is left exactly as it was."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+UNetGates = Gates  # the name before diffusion transformers

@@ -1,8 +1,10 @@
-"""Multiply-accumulates (MACs) of a U-Net and of any architecture vector, analytic and counted.
+"""Multiply-accumulates (MACs) of a denoiser and of any architecture vector, analytic and counted.
 
-Convention (DESIGN.md §3): one U-Net forward, batch 1, ``text_len`` text tokens, MACs = FLOPs/2,
-counting convolutions, linear layers and attention matmuls (cross-attention keys have the text
-length); norms and element-wise operations are excluded.
+Convention (DESIGN.md §3): one denoiser forward, batch 1, ``text_len`` text tokens, MACs =
+FLOPs/2, counting convolutions, linear layers and attention matmuls (cross-attention keys have the
+text length; joint attention runs over image + text tokens); norms and element-wise operations
+are excluded. The dummy inputs and the forward are the backbone adapter's; which layers a unit
+owns is its :meth:`~aptp.engine.backbones.base.Backbone.unit_cost`.
 
 *Analytic* MACs are an exact polynomial of the architecture vector, linear in each entry::
 
@@ -30,7 +32,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from aptp.engine.space import ArchSpace
-from aptp.models.conditioning import dummy_conditioning, unet_forward
 
 
 def meta_clone(module: nn.Module) -> nn.Module:
@@ -42,14 +43,21 @@ def meta_clone(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _dummy_inputs(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int, batch: int = 1):
-    """(sample, timestep, Conditioning) on the meta device; SDXL's added conditioning included."""
-    h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
-    cfg = unet.config
-    sample = torch.zeros(batch, cfg.in_channels, h, w, device="meta")
-    cond = dummy_conditioning(cfg, batch, text_len, device="meta", latent_size=(h, w))
-    t = torch.ones(batch, device="meta")
-    return sample, t, cond
+def _latent_hw(latent_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
+
+
+def _dummy_inputs(model: nn.Module, latent_size: int | tuple[int, int], text_len: int, batch: int = 1):
+    """(sample, timestep, Conditioning) on the meta device, as the model's backbone builds them."""
+    from aptp.engine.backbones import backbone_for
+
+    return backbone_for(model).dummy_inputs(model.config, _latent_hw(latent_size), text_len, batch)
+
+
+def _forward(model: nn.Module, sample, t, cond):
+    from aptp.engine.backbones import backbone_for
+
+    return backbone_for(model).forward(model, sample, t, cond)
 
 
 def count_macs(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int = 77,
@@ -61,7 +69,7 @@ def count_macs(unet: nn.Module, latent_size: int | tuple[int, int], text_len: in
     model = meta_clone(unet)
     sample, t, cond = _dummy_inputs(model, latent_size, text_len)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet_forward(model, sample, t, cond)
+        _forward(model, sample, t, cond)
     total = counter.get_total_flops() / 2
     if not by_op:
         return float(total)
@@ -160,18 +168,23 @@ def _record_shapes(unet: nn.Module, latent_size, text_len: int) -> tuple[dict[st
             def lin_hook(m, args, out, name=name):
                 leaf[name] = leaf.get(name, 0.0) + (out.numel() // m.out_features) * m.in_features * m.out_features
             handles.append(mod.register_forward_hook(lin_hook))
-        elif type(mod).__name__ == "Attention":
+        elif hasattr(mod, "to_q") and hasattr(mod, "heads"):  # a diffusers attention module
             def attn_hook(m, args, kwargs, out, name=name):
                 x = args[0] if args else kwargs["hidden_states"]
                 ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
                 b, n = x.shape[0], (x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3])
-                mlen = n if ctx is None else ctx.shape[1]
+                if ctx is None:
+                    mlen = n
+                elif getattr(m, "add_k_proj", None) is not None:  # joint attention over both streams
+                    n = mlen = n + ctx.shape[1]
+                else:
+                    mlen = ctx.shape[1]
                 attn_len[name] = (b, n, mlen)
             handles.append(mod.register_forward_hook(attn_hook, with_kwargs=True))
     try:
         sample, t, cond = _dummy_inputs(unet, latent_size, text_len)
         with torch.no_grad():
-            unet_forward(unet, sample, t, cond)
+            _forward(unet, sample, t, cond)
     finally:
         for h in handles:
             h.remove()
@@ -180,7 +193,7 @@ def _record_shapes(unet: nn.Module, latent_size, text_len: int) -> tuple[dict[st
 
 def build_macs_model(unet: nn.Module, space: ArchSpace, latent_size: int | tuple[int, int],
                      text_len: int = 77, include_attention: bool = True) -> MacsModel:
-    """Derive the analytic MACs function of ``space`` for the (unpruned) ``unet``.
+    """Derive the analytic MACs function of ``space`` for the (unpruned) ``unet`` (any backbone).
 
     Args:
         unet: the full model (any device; a meta structural copy of its config is used).
@@ -190,10 +203,10 @@ def build_macs_model(unet: nn.Module, space: ArchSpace, latent_size: int | tuple
         include_attention: count the attention matmuls (False gives the conv + linear only
             convention of BK-SDM).
     """
-    from diffusers import UNet2DConditionModel
+    from aptp.engine.backbones import backbone_for
 
-    with torch.device("meta"):
-        model = UNet2DConditionModel.from_config(unet.config)
+    backbone = backbone_for(unet)
+    model = backbone.build(dict(unet.config), "meta")
     leaf, attn_len = _record_shapes(model, latent_size, text_len)
     claimed: set[str] = set()
     D = space.size
@@ -210,21 +223,11 @@ def build_macs_model(unet: nn.Module, space: ArchSpace, latent_size: int | tuple
     for seg in space.segments:
         if seg.kind == "depth":
             continue
-        p = seg.module
-        mod = model.get_submodule(p)
-        if seg.kind == "resnet_channels":
-            per_channel = take(f"{p}.conv1") / mod.conv1.out_channels + take(f"{p}.conv2") / mod.conv2.in_channels
-            if mod.time_emb_proj is not None:
-                per_channel += take(f"{p}.time_emb_proj") / mod.conv1.out_channels
-        elif seg.kind.endswith("heads"):
-            per_channel = sum(take(f"{p}.{n}") / mod.inner_dim for n in ("to_q", "to_k", "to_v"))
-            per_channel += take(f"{p}.to_out.0") / mod.inner_dim
-            if include_attention:
-                b, n, m = attn_len[p]
-                per_channel += 2 * b * n * m  # QKᵀ and AV, per channel of inner_dim
-        else:  # ffn_channels
-            inner = mod.net[2].in_features
-            per_channel = take(f"{p}.net.0.proj") / inner + take(f"{p}.net.2") / inner
+        cost = backbone.unit_cost(model, seg)
+        per_channel = sum(take(name) / channels for name, channels in cost.layers)
+        if include_attention and cost.attention is not None:
+            b, n, m = attn_len[cost.attention]
+            per_channel += 2 * b * n * m  # QKᵀ and AV, per channel of the heads' inner width
         unit_macs[seg.offset : seg.stop] = per_channel * seg.unit_width
     for seg in space.segments:
         if seg.depth_segment >= 0:
@@ -249,21 +252,17 @@ def build_macs_model(unet: nn.Module, space: ArchSpace, latent_size: int | tuple
 def macs_by_block(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int = 77) -> dict[str, dict[str, float]]:
     """MACs of the full model per top-level block, split into conv / linear / attention matmuls.
 
-    Blocks are ``down_blocks.i``, ``mid_block``, ``up_blocks.i`` and ``other`` (conv_in, time
-    embedding, conv_out).
+    Blocks are the backbone's: for a U-Net ``down_blocks.i``, ``mid_block``, ``up_blocks.i``; for a
+    diffusion transformer each transformer block; and ``other`` (input and output layers, time and
+    text embeddings).
     """
-    from diffusers import UNet2DConditionModel
+    from aptp.engine.backbones import backbone_for
 
-    with torch.device("meta"):
-        model = UNet2DConditionModel.from_config(unet.config)
+    backbone = backbone_for(unet)
+    model = backbone.build(dict(unet.config), "meta")
     leaf, attn_len = _record_shapes(model, latent_size, text_len)
     out: dict[str, dict[str, float]] = {}
-
-    def block_of(name: str) -> str:
-        parts = name.split(".")
-        if parts[0] in ("down_blocks", "up_blocks"):
-            return ".".join(parts[:2])
-        return "mid_block" if parts[0] == "mid_block" else "other"
+    block_of = backbone.block_of
 
     for name, macs in leaf.items():
         kind = "conv" if isinstance(model.get_submodule(name), nn.Conv2d) else "linear"

@@ -1,12 +1,15 @@
-"""Physical slicing: a hard architecture vector becomes a real, smaller ``UNet2DConditionModel``.
+"""Physical slicing: a hard architecture vector becomes a real, smaller stock diffusers model
+(a ``UNet2DConditionModel``, ``PixArtTransformer2DModel``, ...).
 
 A vector is first turned into a :class:`SlicePlan` — a replayable list of operations, each naming
 a module path and the unit indices it keeps — and the plan is then applied to a U-Net, in place.
 Weights are always sliced from the model the plan is applied to (the loaded teacher, or a meta
 model that is filled afterwards): nothing is re-initialised.
 
-One slicer per unit kind, each doing the paired out/in operation on the stock diffusers modules
-and updating the derived attributes (``heads``, ``inner_dim``, ...). Layers that lose every unit
+One slicer per plan operation, each doing the paired out/in operation on the stock diffusers
+modules and updating the derived attributes (``heads``, ``inner_dim``, ...); this module holds the
+shared slicers and replacement modules, and each backbone adapter dispatches its operations to
+them (:meth:`~aptp.engine.backbones.base.Backbone.slice`, ``skip_module``). Layers that lose every unit
 are replaced by a tiny module computing exactly what the gated layer computes when all its units
 are zero (the output bias), and skipped depth blocks by an identity module (a ResBlock, a
 ``Transformer2DModel``, or one residual ``BasicTransformerBlock`` inside a multi-block
@@ -155,8 +158,7 @@ def plan_from_vector(space: ArchSpace, vector: torch.Tensor, threshold: float = 
         keep = torch.nonzero(hard[seg.offset : seg.stop]).flatten().tolist()
         if len(keep) == seg.size:
             continue
-        op = "heads" if seg.kind.endswith("heads") else seg.kind
-        ops.append({"module": seg.module, "op": op, "keep": keep, "unit_width": seg.unit_width,
+        ops.append({"module": seg.module, "op": seg.plan_op, "keep": keep, "unit_width": seg.unit_width,
                     "units": seg.size})
     return SlicePlan(ops=ops, vector=[int(x) for x in hard.tolist()])
 
@@ -258,29 +260,18 @@ def slice_ffn(ff: nn.Module, keep: list[int], unit_width: int) -> nn.Module:
     return ff
 
 
-def apply_plan(unet: nn.Module, plan: SlicePlan) -> nn.Module:
-    """Apply a plan to a U-Net in place and return it."""
+def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
+    """Apply a plan to a model in place and return it (the model's backbone slices each module)."""
+    from aptp.engine.backbones import backbone_for
+
+    backbone = backbone_for(model)
     for op in plan.ops:
-        path, kind = op["module"], op["op"]
-        mod = unet.get_submodule(path)
-        if kind == "skip":
-            if hasattr(mod, "conv1"):
-                new = SkippedResnet(mod.out_channels)
-            elif type(mod).__name__ == "BasicTransformerBlock":
-                new = SkippedTransformerBlock()
-            else:
-                new = SkippedTransformer()
-        elif kind == "resnet_channels":
-            new = slice_resnet(mod, op["keep"], op["unit_width"])
-        elif kind == "heads":
-            new = slice_attention(mod, op["keep"], op["unit_width"])
-        elif kind == "ffn_channels":
-            new = slice_ffn(mod, op["keep"], op["unit_width"])
-        else:
-            raise ValueError(f"unknown plan operation {kind!r} for {path}")
+        path = op["module"]
+        mod = model.get_submodule(path)
+        new = backbone.skip_module(mod) if op["op"] == "skip" else backbone.slice(mod, op)
         if new is not mod:
-            _set(unet, path, new)
-    return unet
+            _set(model, path, new)
+    return model
 
 
 def slice_unet(unet: nn.Module, space: ArchSpace, vector: torch.Tensor, *, copy_model: bool = True,
@@ -300,3 +291,6 @@ def slice_unet(unet: nn.Module, space: ArchSpace, vector: torch.Tensor, *, copy_
     plan = plan_from_vector(space, vector, threshold)
     target = copy.deepcopy(unet) if copy_model else unet
     return apply_plan(target, plan), plan
+
+
+slice_model = slice_unet  # the same for every backbone

@@ -4,8 +4,10 @@ SD 1.x / 2.x U-Nets take only ``encoder_hidden_states`` (B, L, dim). SDXL's U-Ne
 (``addition_embed_type="text_time"``) also needs ``added_cond_kwargs``: the pooled prompt
 embedding of its second text encoder (``text_embeds``, (B, 1280)) and six "micro-conditioning"
 numbers (``time_ids``: original size, crop top-left, target size). :class:`Conditioning` carries
-both; :func:`unet_forward` is the one place that calls a U-Net with it, and
-:func:`encode_prompts` the one place that builds it from a pipeline, so no training or generation
+both; diffusion transformers put their other batch-first inputs (PixArt's text attention mask,
+SD3 / Flux's pooled projections, Flux's guidance) in ``extra``. The backbone adapter's ``forward``
+is the one place that calls a denoiser with it (:func:`unet_forward` for U-Nets) and its
+``encode_prompts`` the one place that builds it from a pipeline, so no training or generation
 code branches on the model type.
 """
 
@@ -25,10 +27,12 @@ class Conditioning:
         encoder_hidden_states: (B, L, dim) token embeddings for cross-attention.
         added_cond_kwargs: extra inputs of U-Nets with added conditioning (SDXL: ``text_embeds``
             (B, pooled dim) and ``time_ids`` (B, 6)), or None.
+        extra: other batch-first inputs of the denoiser, by name, or None.
     """
 
     encoder_hidden_states: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    extra: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.encoder_hidden_states.shape[0]
@@ -37,23 +41,31 @@ class Conditioning:
     def shape(self) -> torch.Size:  # so code that only looks at the text tensor's shape still works
         return self.encoder_hidden_states.shape
 
+    def _map(self, fn) -> "Conditioning":
+        def each(d):
+            return None if d is None else {k: fn(v) for k, v in d.items()}
+        return Conditioning(fn(self.encoder_hidden_states), each(self.added_cond_kwargs), each(self.extra))
+
     def to(self, *args, **kwargs) -> "Conditioning":
-        added = None if self.added_cond_kwargs is None else {
-            k: v.to(*args, **kwargs) for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(self.encoder_hidden_states.to(*args, **kwargs), added)
+        """Move / cast every tensor (integer masks keep their dtype when casting)."""
+        def move(v):
+            if not v.is_floating_point():
+                kw = {k: a for k, a in kwargs.items() if k != "dtype"}
+                pos = [a for a in args if not isinstance(a, torch.dtype)]
+                return v.to(*pos, **kw)
+            return v.to(*args, **kwargs)
+        return self._map(move)
 
     def __getitem__(self, index) -> "Conditioning":
         """The conditioning of a subset of the batch (an index, slice or index tensor)."""
-        added = None if self.added_cond_kwargs is None else {
-            k: v[index] for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(self.encoder_hidden_states[index], added)
+        return self._map(lambda v: v[index])
 
     @classmethod
     def cat(cls, items: list["Conditioning"]) -> "Conditioning":
-        added = None
-        if items[0].added_cond_kwargs is not None:
-            added = {k: torch.cat([c.added_cond_kwargs[k] for c in items]) for k in items[0].added_cond_kwargs}
-        return cls(torch.cat([c.encoder_hidden_states for c in items]), added)
+        def join(name):
+            first = getattr(items[0], name)
+            return None if first is None else {k: torch.cat([getattr(c, name)[k] for c in items]) for k in first}
+        return cls(torch.cat([c.encoder_hidden_states for c in items]), join("added_cond_kwargs"), join("extra"))
 
 
 def as_conditioning(cond) -> Conditioning:

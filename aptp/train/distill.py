@@ -15,21 +15,23 @@ from torch import nn
 
 
 def distill_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The blocks whose outputs are distilled: down blocks, mid block, up blocks."""
-    blocks = list(unet.down_blocks)
-    if getattr(unet, "mid_block", None) is not None:
-        blocks.append(unet.mid_block)
-    return blocks + list(unet.up_blocks)
+    """The blocks whose outputs are distilled, as the model's backbone names them (U-Net: down
+    blocks, mid block, up blocks; a diffusion transformer: its transformer blocks)."""
+    from aptp.engine.backbones import backbone_for
+
+    return backbone_for(unet).distill_blocks(getattr(unet, "module", unet))
 
 
 @contextmanager
 def capture_blocks(unet: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect each distilled block's output hidden state, in execution order, for one forward."""
+    from aptp.engine.backbones import backbone_for
+
     outputs: list[torch.Tensor] = []
+    hidden = backbone_for(unet).block_hidden  # the hidden state in a block's output
 
     def hook(module, args, output):
-        # down blocks return (hidden_states, skip_states); mid and up blocks a tensor
-        outputs.append(output[0] if isinstance(output, tuple) else output)
+        outputs.append(hidden(output))
 
     handles = [b.register_forward_hook(hook) for b in distill_blocks(unet)]
     try:
