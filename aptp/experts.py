@@ -12,7 +12,6 @@ import torch
 from aptp.engine.expert import save_expert
 from aptp.engine.macs import build_macs_model
 from aptp.engine.slicing import slice_unet
-from aptp.engine.space import KINDS
 from aptp.io import atomic_write_json
 from aptp.rundir import EXPERTS_DIR, RunDir
 
@@ -75,7 +74,7 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None, align: in
                      "latent_size": latent, "macs_resolution": res, "text_len": teacher.text_len,
                      "space_size": space.size}
         save_expert(expert, plan, experts_root / f"expert-{k}", overwrite=overwrite)
-        kept = {kind: int(hard[k][space.kind_index(kind)].sum()) for kind in KINDS}
+        kept = {kind: int(hard[k][space.kind_index(kind)].sum()) for kind in space.kinds}
         records.append({
             "expert": k, "macs": m, "macs_ratio": m / macs.full, "params": _params(expert),
             "params_ratio": _params(expert) / full_params, "units_kept": kept,

@@ -2,9 +2,9 @@
 
 Every prompt is routed to an expert; prompts are grouped per expert and each group runs in
 batches through ONE pipeline whose VAE, text encoder(s) and scheduler are loaded once — only the
-U-Net is swapped (a stock ``StableDiffusionPipeline`` or, for SDXL, ``StableDiffusionXLPipeline``
-with ``unet=expert``: experts are stock ``UNet2DConditionModel``s, so the pipeline computes SDXL's
-added conditioning itself). Each prompt's starting noise comes from its own seed, so its image depends only
+denoiser is swapped (the pipeline's ``unet`` or ``transformer``: experts are stock diffusers
+models, so a stock ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``PixArtAlphaPipeline``, ... computes its own conditioning). Each prompt's starting noise comes from its own seed, so its image depends only
 on (prompt, seed, expert), never on which prompts share its batch.
 """
 
@@ -44,31 +44,61 @@ def generation_size(s, g=None) -> tuple[int, int]:
 
 
 def make_scheduler(pipe, name: str):
+    """The sampling scheduler ``name`` (``pndm``, ``ddim``, or ``default``: the pipeline's own)
+    with the pipeline scheduler's config.
+
+    Raises:
+        AptpUserError: a DDPM-family scheduler asked of a flow-matching pipeline (SD3, Flux).
+    """
     from diffusers import DDIMScheduler, PNDMScheduler
 
+    from aptp.errors import AptpUserError
+    from aptp.train.diffusion import is_flow_matching
+
+    if name == "default":
+        return type(pipe.scheduler).from_config(pipe.scheduler.config)
+    if is_flow_matching(pipe.scheduler):
+        raise AptpUserError(f"generate.scheduler {name!r}: this model samples with "
+                            f"{type(pipe.scheduler).__name__} (flow matching); use --scheduler default")
     cls = {"pndm": PNDMScheduler, "ddim": DDIMScheduler}[name]
     return cls.from_config(pipe.scheduler.config)
 
 
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The pipeline's U-Net or transformer."""
+    from aptp.engine.backbones import backbone_for
+
+    for name in ("unet", "transformer"):
+        m = getattr(pipe, name, None)
+        if m is not None:
+            backbone_for(m)  # refuse an unsupported denoiser here, in one line
+            return m
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
 def initial_latents(pipe, seed: int, height: int, width: int) -> torch.Tensor:
-    """(1, C, h, w) starting noise of one prompt, a function of its seed only."""
-    c = pipe.unet.config.in_channels
-    s = pipe.vae_scale_factor
-    g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((1, c, height // s, width // s), generator=g)
+    """(1, ...) starting noise of one prompt as the pipeline takes it, a function of its seed only."""
+    from aptp.engine.backbones import backbone_for
+
+    model = denoiser_of(pipe)
+    return backbone_for(model).initial_latents(model.config, seed, height, width, int(pipe.vae_scale_factor))
 
 
 class ExpertPipeline:
-    """A loaded teacher pipeline plus lazily loaded expert U-Nets (cached, at most ``cache`` at once)."""
+    """A loaded teacher pipeline plus lazily loaded experts (cached, at most ``cache`` at once)."""
 
     def __init__(self, run: RunDir | None, pipe, weights: str = "auto", cache: int = 16, model: str | None = None):
+        from aptp.engine.backbones import backbone_for
         from aptp.models.registry import default_guidance
 
         self.run = run
         # guidance when the settings leave it unset: the model's recommended scale
         self.default_guidance = default_guidance(model or (run.settings.model.name if run is not None else None))
         self.pipe = pipe
-        self.teacher_unet = pipe.unet
+        self.teacher_unet = denoiser_of(pipe)
+        self.backbone = backbone_for(self.teacher_unet)
+        self.component = self.backbone.component  # the pipeline attribute swapped per expert
+        self.call_kwargs = self.backbone.call_kwargs(pipe, self.backbone.text_len(pipe))
         self.weights = weights
         self.cache = cache
         self._experts: dict[int, torch.nn.Module] = {}
@@ -108,20 +138,22 @@ class ExpertPipeline:
         images: dict[int, Any] = {}
         order = sorted(groups, key=lambda k: -1 if k is None else k)
         for k in order:
-            pipe.unet = self.unet(k)
+            model = self.unet(k)
+            setattr(pipe, self.component, model)
             group = groups[k]
             for start in range(0, len(group), g.batch_size):
                 batch = group[start : start + g.batch_size]
                 latents = torch.cat([initial_latents(pipe, j.seed, height, width) for j in batch])
                 out = pipe([j.prompt for j in batch], height=height, width=width, num_inference_steps=g.steps,
-                           guidance_scale=self.guidance(g), latents=latents.to(pipe.device, pipe.unet.dtype))
+                           guidance_scale=self.guidance(g), latents=latents.to(pipe.device, model.dtype),
+                           **self.call_kwargs)
                 if on_images is not None:
                     on_images(batch, list(out.images))
                 else:
                     images.update((j.index, img) for j, img in zip(batch, out.images))
                 if on_batch is not None:
                     on_batch(len(batch))
-        pipe.unet = self.teacher_unet
+        setattr(pipe, self.component, self.teacher_unet)
         return images
 
 

@@ -196,7 +196,9 @@ class FinetuneSettings(_Section):
 class GenerateSettings(_Section):
     """`aptp generate`: sampling."""
 
-    scheduler: Literal["pndm", "ddim"] = Field("pndm", description="Sampling scheduler.")
+    scheduler: Literal["pndm", "ddim", "default"] = Field(
+        "pndm", description="Sampling scheduler: pndm, ddim, or default (the pipeline's own; flow-matching "
+                            "models such as SD3 and Flux need it).")
     steps: int = Field(25, ge=1, description="Denoising steps.")
     guidance: float | None = Field(
         None, ge=0,

@@ -13,13 +13,13 @@ from rich.table import Table
 
 from aptp.cli.common import RecipeOpt, SetOpt, command, out, settings_from
 from aptp.engine.report import model_report
-from aptp.engine.space import KINDS, build_space
+from aptp.engine.space import build_space
 from aptp.errors import AptpUserError
 from aptp.models.registry import build_unet, default_resolution, default_text_len, resolve_model, vae_scale_factor
 
 
 SHORT = {"resnet_channels": "res grp", "self_attn_heads": "self hd", "cross_attn_heads": "cross hd",
-         "ffn_channels": "ffn grp", "depth": "depth"}
+         "joint_attn_heads": "joint hd", "ffn_channels": "ffn grp", "depth": "depth"}
 
 
 class Format(str, Enum):
@@ -91,16 +91,16 @@ def inspect_model(
         return
     t = Table(title=f"{s.model.name} at {res}px (latent {res // scale}), {report['params']:,} parameters")
     t.add_column("block")
-    for k in KINDS:
+    for k in space.kinds:
         t.add_column(SHORT[k], justify="right")
     t.add_column("units", justify="right")
     t.add_column("GMACs", justify="right")
     t.add_column("GMACs c+l", justify="right")
     for row in report["blocks"]:
-        t.add_row(row["block"], *[str(row[k]) for k in KINDS], str(row["units"]),
+        t.add_row(row["block"], *[str(row[k]) for k in space.kinds], str(row["units"]),
                   f"{row['gmacs']:.4g}", f"{row['gmacs_conv_linear']:.4g}")
     by_kind = report["units"]["by_kind"]
-    t.add_row("total", *[str(by_kind[k]) for k in KINDS], str(report["units"]["total"]),
+    t.add_row("total", *[str(by_kind[k]) for k in space.kinds], str(report["units"]["total"]),
               f"{report['gmacs']:.4g}", f"{report['gmacs_conv_linear']:.4g}", style="bold")
     out.print(t)
     ops = report["gmacs_by_op"]

@@ -50,14 +50,16 @@ def materialize(
     setup_logging(quiet)
     run = RunDir(run_dir)
     records = run_materialize(run, overwrite=overwrite, align=align)
+    from aptp.cli.inspect_model import SHORT
+
     t = Table(title=f"{len(records)} experts in {run.path / 'experts'}")
-    for col in ("expert", "MACs ratio", "params", "share", "res grp", "self hd", "cross hd", "ffn grp", "depth"):
+    kinds = list(records[0]["units_kept"]) if records else []  # the backbone's unit kinds, in order
+    for col in ("expert", "MACs ratio", "params", "share", *[SHORT.get(k, k) for k in kinds]):
         t.add_column(col, justify="right")
     for r in records:
         u = r["units_kept"]
         t.add_row(str(r["expert"]), f"{r['macs_ratio']:.3f}", f"{r['params']:,}", f"{r['share']:.1%}",
-                  str(u["resnet_channels"]), str(u["self_attn_heads"]), str(u["cross_attn_heads"]),
-                  str(u["ffn_channels"]), str(u["depth"]))
+                  *[str(u[k]) for k in kinds])
     out.print(t)
 
 

@@ -47,6 +47,8 @@ def save_expert(unet: nn.Module, plan: SlicePlan, path: str | Path, *, overwrite
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+        # non-persistent buffers (a DiT's fixed position embedding) too: a meta rebuild has no values
+        state.update({k: v.detach().contiguous().cpu() for k, v in _volatile_buffers(unet).items()})
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aptp": "expert"})
         (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1))
         (tmp / CONFIG_FILE).write_text(unet.to_json_string())
@@ -61,6 +63,17 @@ def save_expert(unet: nn.Module, plan: SlicePlan, path: str | Path, *, overwrite
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _volatile_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that ``state_dict`` leaves out (registered with ``persistent=False``), by name."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for bname in getattr(mod, "_non_persistent_buffers_set", ()):
+            buf = mod._buffers.get(bname)
+            if buf is not None:
+                out[f"{mname}.{bname}" if mname else bname] = buf
+    return out
 
 
 def read_plan(path: str | Path) -> SlicePlan:
@@ -108,6 +121,10 @@ def load_expert(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     state = read_safetensors(path / WEIGHTS_FILE, device=str(device))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    volatile = {k: state.pop(k) for k in list(state) if k in _volatile_buffers(unet)}
+    for name, value in volatile.items():
+        owner, _, leaf = name.rpartition(".")
+        (unet.get_submodule(owner) if owner else unet)._buffers[leaf] = value
     try:
         unet.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

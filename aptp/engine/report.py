@@ -7,7 +7,7 @@ from torch import nn
 
 from aptp.engine.macs import build_macs_model, count_macs, macs_by_block, meta_clone
 from aptp.engine.slicing import apply_plan, plan_from_vector
-from aptp.engine.space import KINDS, ArchSpace
+from aptp.engine.space import ArchSpace
 
 CONVENTIONS = (
     "MACs = FLOPs/2 of one U-Net forward at batch 1, counting convolutions, linear layers and "
@@ -36,10 +36,10 @@ def model_report(unet: nn.Module, space: ArchSpace, latent_size: int, text_len: 
     blocks = macs_by_block(unet, latent_size, text_len)
     units_by_block: dict[str, dict[str, int]] = {}
     for seg in space.segments:
-        units_by_block.setdefault(seg.block, {k: 0 for k in KINDS})[seg.kind] += seg.size
+        units_by_block.setdefault(seg.block, {k: 0 for k in space.kinds})[seg.kind] += seg.size
     block_rows = []
     for name, ops in sorted(blocks.items(), key=lambda kv: kv[0] == "other"):
-        row = {"block": name, **units_by_block.get(name, {k: 0 for k in KINDS})}
+        row = {"block": name, **units_by_block.get(name, {k: 0 for k in space.kinds})}
         row["units"] = sum(units_by_block.get(name, {}).values())
         row["gmacs"] = sum(ops.values()) / 1e9
         row["gmacs_conv_linear"] = (ops["conv"] + ops["linear"]) / 1e9
@@ -60,7 +60,7 @@ def model_report(unet: nn.Module, space: ArchSpace, latent_size: int, text_len: 
         hard = (v >= 0.5).float()
         macs = build_macs_model(unet, space, latent_size, text_len)
         sliced = apply_plan(meta_clone(unet), plan_from_vector(space, hard))
-        kept = {k: int(hard[space.kind_index(k)].sum()) for k in KINDS}
+        kept = {k: int(hard[space.kind_index(k)].sum()) for k in space.kinds}
         report["vector"] = {
             "gmacs": float(macs(hard)[0]) / 1e9,
             "gmacs_counted": count_macs(sliced, latent_size, text_len) / 1e9,

@@ -36,7 +36,7 @@ PAPER_PROFILE: dict[str, Any] = {
 }
 
 # training resolution per model family where the paper's 256 px does not fit
-_TRAIN_RESOLUTION = {"sdxl": 512}
+_TRAIN_RESOLUTION = {"sdxl": 512, "dit": 512}
 
 
 def generation_resolution(name: str, local_only: bool = False) -> int | None:
@@ -65,16 +65,19 @@ def macs_resolution(settings, vae_scale_factor: int) -> int:
 
 
 def _family(name: str) -> str:
-    """``toy`` for the embedded model, ``sdxl`` for SDXL-style U-Nets, else ``sd``."""
+    """``toy`` for the embedded models, ``sdxl`` for SDXL-style U-Nets, ``dit`` for diffusion
+    transformers (PixArt, SD3, Flux), else ``sd``."""
     from aptp.errors import AptpUserError
     from aptp.models.registry import resolve_model, unet_config
 
-    if name == "toy":
+    if name in ("toy", "toy-dit"):
         return "toy"
-    try:  # aliases ship their U-Net config, so this works offline for them too
+    try:  # aliases ship their denoiser config, so this works offline for them too
         cfg = unet_config(resolve_model(name))
     except (AptpUserError, OSError, ValueError, KeyError, TypeError):
         return "sd"
+    if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        return "dit"
     return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
 
 
@@ -98,4 +101,6 @@ def model_defaults(name: str) -> dict[str, tuple[Any, str]]:
         out[key] = (value, f"model {name}: paper recipe (App. E)")
     if family in _TRAIN_RESOLUTION:
         out["data.resolution"] = (_TRAIN_RESOLUTION[family], f"model {name}: half its generation resolution")
+    if family == "dit":  # their own samplers (DPM-Solver for PixArt, flow-matching Euler for SD3 / Flux)
+        out["generate.scheduler"] = ("default", f"model {name}: the pipeline's own scheduler")
     return out

@@ -1,10 +1,11 @@
 """Model registry: ``--model`` accepts an alias, a local diffusers folder, or a hub id.
 
-- An alias names a known model. Its U-Net config ships with aptp, so anything that needs only the
-  architecture (units, MACs) works offline on the meta device; its weights come from the Hugging
-  Face hub or cache like any hub id.
-- A local folder is a diffusers pipeline folder (``model_index.json`` + ``unet/`` ...) or a bare
-  U-Net folder (``config.json`` of a ``UNet2DConditionModel``).
+- An alias names a known model. Its denoiser config (U-Net or transformer) ships with aptp, so
+  anything that needs only the architecture (units, MACs) works offline on the meta device; its
+  weights come from the Hugging Face hub or cache like any hub id.
+- A local folder is a diffusers pipeline folder (``model_index.json`` + ``unet/`` or
+  ``transformer/`` ...) or a bare denoiser folder (``config.json`` of a ``UNet2DConditionModel``,
+  ``PixArtTransformer2DModel``, ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``).
 - A hub id (``owner/name``) is loaded with diffusers; with ``HF_HUB_OFFLINE=1`` or
   ``model.local_files_only`` only the local HF cache is used.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aptp.engine.space import UnsupportedUNetError, check_unet_config
+from aptp.engine.backbones import backbone_for, backbone_for_pipeline, supported_pipelines
+from aptp.engine.space import UnsupportedModelError, UnsupportedUNetError  # noqa: F401 - re-exported
 from aptp.errors import ModelNotFoundError
 
 
@@ -33,7 +35,7 @@ class Alias:
     """A known model: where its weights live and what the package knows about it offline."""
 
     hub_id: str | None
-    unet_config: str | None  # file name in aptp/models/configs, for offline architecture work
+    unet_config: str | None  # the denoiser's config: a file in aptp/models/configs, for offline work
     vae_scale_factor: int
     resolution: int
     description: str
@@ -42,6 +44,7 @@ class Alias:
     text_len: int = 77  # tokens per prompt (the tokenizer's model_max_length)
     guidance: float = DEFAULT_GUIDANCE  # recommended classifier-free guidance scale
     pipeline_class: str = "StableDiffusionPipeline"  # the diffusers pipeline its folder holds
+    component: str = "unet"  # the pipeline attribute (and folder) holding the denoiser
 
 
 ALIASES: dict[str, Alias] = {
@@ -82,9 +85,59 @@ ALIASES: dict[str, Alias] = {
         pipeline_class="StableDiffusionXLPipeline",
         description="Stable Diffusion XL base 1.0, 2,567.5M-parameter U-Net (two text encoders, text_time conditioning)",
     ),
+    "toy-dit": Alias(
+        hub_id=None,
+        unet_config=None,  # read from the shipped folder's transformer/config.json
+        vae_scale_factor=4,
+        resolution=64,
+        prediction_type="v_prediction",
+        local_path="assets/toy-dit",
+        text_len=24,
+        guidance=3.0,
+        pipeline_class="PixArtAlphaPipeline",
+        component="transformer",
+        description="the embedded shapes-world diffusion transformer (PixArt-style, shares the toy's VAE and text encoder)",
+    ),
+    "pixart-alpha": Alias(
+        hub_id="PixArt-alpha/PixArt-XL-2-1024-MS",
+        unet_config="pixart-alpha-xl-2-1024-transformer.json",
+        vae_scale_factor=8,
+        resolution=1024,
+        text_len=120,
+        guidance=4.5,  # PixArtAlphaPipeline's default guidance_scale
+        pipeline_class="PixArtAlphaPipeline",
+        component="transformer",
+        description="PixArt-α XL-2 1024, 611.3M-parameter cross-attention DiT (T5-XXL text, 120 tokens)",
+    ),
+    "sd3-medium": Alias(
+        hub_id="stabilityai/stable-diffusion-3-medium-diffusers",
+        unet_config="sd3-medium-transformer.json",
+        vae_scale_factor=8,
+        resolution=1024,
+        prediction_type="flow",
+        text_len=333,
+        guidance=7.0,  # StableDiffusion3Pipeline's default guidance_scale
+        pipeline_class="StableDiffusion3Pipeline",
+        component="transformer",
+        description="Stable Diffusion 3 medium, 2,028.3M-parameter MMDiT (CLIP-L, CLIP-G and T5-XXL: 77 + 256 tokens)",
+    ),
+    "flux-dev": Alias(
+        hub_id="black-forest-labs/FLUX.1-dev",
+        unet_config="flux1-dev-transformer.json",
+        vae_scale_factor=8,
+        resolution=1024,
+        prediction_type="flow",
+        text_len=512,
+        guidance=3.5,  # FluxPipeline's default (distilled) guidance
+        pipeline_class="FluxPipeline",
+        component="transformer",
+        description="FLUX.1 [dev], 11,901.4M-parameter MMDiT (19 double- + 38 single-stream blocks, T5 512 tokens)",
+    ),
 }
 
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+def _pipelines() -> tuple[str, ...]:
+    return supported_pipelines()
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -107,9 +160,19 @@ class ModelRef:
 
     @property
     def unet_subfolder(self) -> str | None:
-        if self.kind == "folder" and not (Path(self.source) / "model_index.json").is_file():
-            return None  # a bare U-Net folder
+        """The pipeline subfolder holding the denoiser (``unet`` or ``transformer``), or None for a
+        bare denoiser folder."""
+        if self.alias is not None:
+            return self.alias.component
+        if self.kind == "folder":
+            root = Path(self.source)
+            if not (root / "model_index.json").is_file():
+                return None  # a bare denoiser folder
+            return "transformer" if (root / "transformer" / "config.json").is_file() and not (
+                root / "unet" / "config.json").is_file() else "unet"
         return "unet"
+
+    subfolder = unet_subfolder
 
 
 def offline() -> bool:
@@ -133,7 +196,7 @@ def resolve_model(name: str) -> ModelRef:
                                   or (p / "unet" / "config.json").is_file()):
             raise ModelNotFoundError(
                 f"--model {name}: not a diffusers folder (expected model_index.json, unet/config.json "
-                f"or a U-Net config.json inside)"
+                f"or a U-Net / transformer config.json inside)"
             )
         return ModelRef(name, "folder", str(p.resolve()))
     if _HUB_ID.match(name) and not name.startswith((".", "/")):
@@ -163,34 +226,43 @@ def _missing_weights_message(repo: str, what: str, exc: Exception | None = None)
 
 
 def unet_config(ref: ModelRef, local_only: bool = False) -> dict:
-    """The U-Net config of a model, offline for aliases with a shipped config.
+    """The denoiser config (U-Net or transformer) of a model, offline for aliases with a shipped config.
 
     Raises:
-        ModelNotFoundError: the folder has no U-Net config (or an unreadable one).
-        UnsupportedUNetError: a U-Net the engine can not handle (one line naming what).
+        ModelNotFoundError: the folder has no denoiser config (or an unreadable one).
+        UnsupportedModelError: a model the engine can not handle (one line naming what).
     """
+    sub = ref.unet_subfolder
     if ref.alias is not None and ref.alias.unet_config is not None:
         text = (resources.files("aptp.models") / "configs" / ref.alias.unet_config).read_text()
         cfg = json.loads(text)
     elif ref.kind == "alias" or ref.kind == "folder":
         root = Path(ref.source)
-        path = root / "config.json" if ref.unet_subfolder is None else root / "unet" / "config.json"
+        path = root / "config.json" if sub is None else root / sub / "config.json"
         if not path.is_file():
             cls = _pipeline_class_name(ref)
             raise ModelNotFoundError(
-                f"--model {ref.name}: {path} is missing" + (f" (a {cls} has no U-Net)" if cls else "")
-                + "; aptp prunes the UNet2DConditionModel of SD 1.x / 2.x / SDXL pipelines")
+                f"--model {ref.name}: {path} is missing" + (f" (a {cls} has no U-Net or transformer)" if cls else "")
+                + f"; aptp prunes the denoiser of {', '.join(_pipelines())} folders")
         try:
             cfg = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"--model {ref.name}: {path} is not a readable JSON config ({exc})"
                                      .splitlines()[0]) from None
     else:
-        cfg = json.loads(_hub_file(ref.source, "unet/config.json", local_only).read_text())
+        cfg = json.loads(_hub_file(ref.source, f"{sub}/config.json", local_only).read_text())
     if not isinstance(cfg, dict):
-        raise ModelNotFoundError(f"--model {ref.name}: its U-Net config is not a JSON object")
-    check_unet_config(cfg, f"--model {ref.name}")
+        raise ModelNotFoundError(f"--model {ref.name}: its denoiser config is not a JSON object")
+    backbone_for(cfg, f"--model {ref.name}").check_config(cfg, f"--model {ref.name}")
     return cfg
+
+
+model_config = unet_config
+
+
+def model_backbone(ref: ModelRef, local_only: bool = False):
+    """The backbone adapter of a model's denoiser (from its config, offline for aliases)."""
+    return backbone_for(unet_config(ref, local_only), f"--model {ref.name}")
 
 
 def _pipeline_class_name(ref: ModelRef, local_only: bool = False) -> str | None:
@@ -225,18 +297,28 @@ def vae_scale_factor(ref: ModelRef, local_only: bool = False) -> int:
 
 
 def default_text_len(ref: ModelRef) -> int:
-    """Tokens per prompt that cross-attention sees: the alias's, else a pipeline folder's tokenizer
-    ``model_max_length`` (the teacher's ``text_len`` while pruning), else 77 (CLIP's)."""
+    """Text tokens per prompt the denoiser sees: the alias's, else what a pipeline folder's
+    tokenizers give (the backbone decides, as for the teacher's ``text_len`` while pruning), else
+    the backbone's default (77 for SD)."""
     if ref.alias is not None:
         return ref.alias.text_len
+    try:
+        backbone = model_backbone(ref)
+    except Exception:  # noqa: BLE001 - an unreadable config is reported by the command that loads it
+        return 77
+    lengths: dict[str, int] = {}
     if ref.kind == "folder":
-        cfg = Path(ref.source) / "tokenizer" / "tokenizer_config.json"
-        try:
-            n = int(json.loads(cfg.read_text()).get("model_max_length", 77))
-        except (OSError, ValueError, TypeError, AttributeError):
-            return 77
-        return n if 0 < n <= 4096 else 77  # transformers writes a huge sentinel when unset
-    return 77
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            cfg = Path(ref.source) / name / "tokenizer_config.json"
+            try:
+                lengths[name] = int(json.loads(cfg.read_text()).get("model_max_length", 10**9))
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
+    try:
+        cls = _pipeline_class_name(ref)
+    except Exception:  # noqa: BLE001
+        cls = None
+    return backbone.text_len_from(cls, lengths)
 
 
 def default_guidance(name: str | None) -> float:
@@ -249,37 +331,40 @@ def default_resolution(ref: ModelRef, local_only: bool = False) -> int:
     """The model's native image size."""
     if ref.alias is not None:
         return ref.alias.resolution
-    return int(unet_config(ref, local_only)["sample_size"]) * vae_scale_factor(ref, local_only)
+    return int(model_backbone(ref, local_only).native_size(unet_config(ref, local_only),
+                                                           vae_scale_factor(ref, local_only)))
 
 
 def build_unet(ref: ModelRef, device: str | torch.device = "meta", local_only: bool = False) -> nn.Module:
-    """The U-Net's architecture without weights (meta device by default): no download of weights."""
-    from diffusers import UNet2DConditionModel
+    """The denoiser's architecture (U-Net or transformer) without weights (meta device by
+    default): no download of weights."""
+    cfg = unet_config(ref, local_only)
+    return backbone_for(cfg, f"--model {ref.name}").build(cfg, device)
 
-    with torch.device(device):
-        return UNet2DConditionModel.from_config(unet_config(ref, local_only))
+
+build_model = build_unet
 
 
 def load_unet(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: bool = False,
               revision: str | None = None) -> nn.Module:
-    """Load the U-Net with its weights.
+    """Load the denoiser (U-Net or transformer) with its weights.
 
     Raises:
         ModelNotFoundError: weights are neither local nor downloadable, with the command to get them.
     """
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     if ref.source is None:
         raise ModelNotFoundError(f"--model {ref.name}: no weights are known for this alias")
-    if ref.kind == "folder":
-        unet_config(ref, local_only)  # refuse an unsupported U-Net before loading its weights
+    cfg = unet_config(ref, local_only)  # refuse an unsupported denoiser before loading its weights
+    cls = getattr(diffusers, cfg.get("_class_name") or "UNet2DConditionModel")
     kwargs = dict(dtype=dtype, revision=revision)
     if ref.unet_subfolder is not None:
         kwargs["subfolder"] = ref.unet_subfolder
     if ref.kind != "folder" and not Path(ref.source).is_dir():
         kwargs["local_files_only"] = local_only or offline()
     try:
-        return UNet2DConditionModel.from_pretrained(ref.source, **kwargs).eval()
+        return cls.from_pretrained(ref.source, **kwargs).eval()
     except (OSError, ValueError) as exc:
         if ref.kind == "folder" or Path(ref.source).is_dir():
             raise ModelNotFoundError(f"--model {ref.name}: could not load the U-Net: {exc}".splitlines()[0]) from None
@@ -288,9 +373,9 @@ def load_unet(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: boo
 
 def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: bool = False,
                   revision: str | None = None):
-    """Load the whole pipeline (VAE, text encoder(s), tokenizer(s), scheduler, U-Net): a
-    ``StableDiffusionPipeline`` or, when ``model_index.json`` names it (or the alias is ``sdxl``),
-    a ``StableDiffusionXLPipeline``."""
+    """Load the whole pipeline (VAE, text encoder(s), tokenizer(s), scheduler, denoiser): the
+    class ``model_index.json`` (or the alias) names, one of the supported pipelines
+    (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtAlphaPipeline``, ...)."""
     import diffusers
 
     if ref.source is None or ref.unet_subfolder is None:
@@ -300,10 +385,10 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only:
             f"--model {ref.name}: its weights are not installed at {ref.source}; train them with "
             f"recipes/toy-*.yaml (python -m aptp.train.toy ...) and export, or pass --model FOLDER")
     cls_name = _pipeline_class_name(ref, local_only) or "StableDiffusionPipeline"
-    if cls_name not in PIPELINES:
-        raise UnsupportedUNetError(f"--model {ref.name}: a {cls_name} is not supported; aptp loads "
-                                   f"{' and '.join(PIPELINES)} folders")
-    unet_config(ref, local_only)  # refuse an unsupported U-Net before loading any weights
+    if backbone_for_pipeline(cls_name) is None:
+        raise UnsupportedModelError(f"--model {ref.name}: a {cls_name} is not supported; aptp loads "
+                                    f"{', '.join(_pipelines())} folders")
+    unet_config(ref, local_only)  # refuse an unsupported denoiser before loading any weights
     pipeline_cls = getattr(diffusers, cls_name)
     kwargs = dict(dtype=dtype, revision=revision)
     if cls_name == "StableDiffusionPipeline":

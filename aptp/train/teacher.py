@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aptp.models.conditioning import Conditioning, encode_prompts, unet_forward
+from aptp.engine.backbones import Backbone, backbone_for
+from aptp.models.conditioning import Conditioning
 from aptp.models.registry import load_pipeline, resolve_model
 from aptp.settings import ModelSettings
 
@@ -16,24 +17,40 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class Teacher:
-    """A loaded Stable-Diffusion-style pipeline with every part frozen.
+    """A loaded text-to-image pipeline with every part frozen.
 
     Attributes:
-        pipeline: the diffusers pipeline (its ``unet`` is the one pruned and gated).
-        noise_scheduler: a ``DDPMScheduler`` with the pipeline scheduler's config (same betas and
-            prediction type), for training.
+        pipeline: the diffusers pipeline (its denoiser — ``unet`` or ``transformer`` — is the one
+            pruned and gated).
+        noise_scheduler: the training scheduler: a ``DDPMScheduler`` with the pipeline scheduler's
+            config (same betas and prediction type), or the flow-matching scheduler itself.
         vae_scale_factor: image pixels per latent pixel.
-        text_len: tokens per prompt (the tokenizer's ``model_max_length``).
+        text_len: text tokens per prompt the denoiser sees.
+        backbone: the denoiser's adapter.
     """
 
     pipeline: object
     noise_scheduler: object
     vae_scale_factor: int
     text_len: int
+    backbone: Backbone | None = None
+
+    def __post_init__(self):
+        if self.backbone is None:
+            self.backbone = backbone_for(self.denoiser)
 
     @property
-    def unet(self) -> nn.Module:
-        return self.pipeline.unet
+    def denoiser(self) -> nn.Module:
+        """The U-Net or diffusion transformer."""
+        for name in ("unet", "transformer"):
+            m = getattr(self.pipeline, name, None)
+            if m is not None:
+                return m
+        raise AttributeError("the pipeline has neither a unet nor a transformer")
+
+    @property
+    def unet(self) -> nn.Module:  # the name before diffusion transformers
+        return self.denoiser
 
     @property
     def vae(self) -> nn.Module:
@@ -41,23 +58,25 @@ class Teacher:
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the scaled latent distribution of images in [-1, 1]."""
+        """(mean, std) of the scaled latent distribution of images in [-1, 1] (shifted first by the
+        VAE's ``shift_factor`` where it has one, as SD3 / Flux pipelines decode ``z / sf + shift``)."""
         vae = self.vae
         dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
         sf = vae.config.scaling_factor
-        return dist.mean * sf, dist.std * sf
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (dist.mean - shift) * sf, dist.std * sf
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], size: tuple[int, int] | None = None) -> Conditioning:
         """The U-Net conditioning of ``prompts`` exactly as the pipeline computes it: the
         (B, text_len, dim) token embeddings and, for SDXL, the pooled embedding of the second text
         encoder and the time ids of images of ``size`` (h, w; default the model's native size)."""
-        return encode_prompts(self.pipeline, prompts, size)
+        return self.backbone.encode_prompts(self.pipeline, prompts, size, self.text_len)
 
-    @staticmethod
-    def predict(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """A U-Net's prediction under ``cond`` (the teacher's, a gated or a sliced one, wrapped or not)."""
-        return unet_forward(unet, sample, timestep, cond)
+    def predict(self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """A denoiser's prediction under ``cond`` (the teacher's, a gated or a sliced one, wrapped
+        or not), in the latent's shape."""
+        return self.backbone.forward(unet, sample, timestep, cond)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -67,16 +86,17 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def load_teacher(model: ModelSettings, device: torch.device | str = "cpu") -> Teacher:
     """Load the pipeline named by the ``model`` settings, frozen, on ``device``."""
-    from diffusers import DDPMScheduler
+    from aptp.train.diffusion import training_scheduler
 
     ref = resolve_model(model.name)
     pipe = load_pipeline(ref, dtype=DTYPES[model.dtype], local_only=model.local_files_only, revision=model.revision)
     pipe.to(device)
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if getattr(pipe, part, None) is not None:  # text_encoder_2: SDXL
+    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, part, None) is not None:  # text_encoder_2: SDXL, SD3, Flux; _3: SD3
             freeze(getattr(pipe, part))
     pipe.set_progress_bar_config(disable=True)
-    noise = DDPMScheduler.from_config(pipe.scheduler.config)
-    return Teacher(pipeline=pipe, noise_scheduler=noise,
-                   vae_scale_factor=int(pipe.vae_scale_factor),
-                   text_len=int(pipe.tokenizer.model_max_length))
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    backbone = backbone_for(denoiser)
+    return Teacher(pipeline=pipe, noise_scheduler=training_scheduler(pipe.scheduler),
+                   vae_scale_factor=int(pipe.vae_scale_factor), text_len=backbone.text_len(pipe),
+                   backbone=backbone)

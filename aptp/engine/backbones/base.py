@@ -182,8 +182,16 @@ class Backbone:
                            generator=g)
 
     def text_len(self, pipe) -> int:
-        """Text tokens per prompt the denoiser sees in ``pipe`` (the tokenizer's length)."""
-        return int(pipe.tokenizer.model_max_length)
+        """Text tokens per prompt the denoiser sees in ``pipe`` (:meth:`text_len_from` its tokenizers)."""
+        lengths = {n: int(getattr(pipe, n).model_max_length) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")
+                   if getattr(pipe, n, None) is not None}
+        return self.text_len_from(type(pipe).__name__, lengths)
+
+    def text_len_from(self, pipeline_class: str | None, lengths: dict[str, int]) -> int:
+        """Text tokens per prompt from the tokenizers' ``model_max_length`` (by pipeline attribute
+        name; a huge sentinel means unset), for a pipeline and for a folder alike."""
+        n = lengths.get("tokenizer")
+        return n if n is not None and 0 < n <= 4096 else self.default_text_len
 
     def call_kwargs(self, pipe, text_len: int) -> dict:
         """Extra keyword arguments of a pipeline call (sequence length, binning, ...)."""

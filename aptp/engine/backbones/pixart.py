@@ -140,9 +140,9 @@ class PixArtBackbone(Backbone):
         return list(model.transformer_blocks)
 
     # ------------------------------------------------------------------ pipelines
-    def text_len(self, pipe):
-        n = _PIPELINE_TEXT_LEN.get(type(pipe).__name__, 120)
-        return min(n, int(pipe.tokenizer.model_max_length))
+    def text_len_from(self, pipeline_class, lengths):
+        n = _PIPELINE_TEXT_LEN.get(pipeline_class or "", self.default_text_len)
+        return min(n, lengths.get("tokenizer", n))
 
     @torch.no_grad()
     def encode_prompts(self, pipe, prompts, size, text_len):
