@@ -10,7 +10,7 @@ from aptp.engine.slicing import apply_plan, plan_from_vector
 from aptp.engine.space import ArchSpace
 
 CONVENTIONS = (
-    "MACs = FLOPs/2 of one U-Net forward at batch 1, counting convolutions, linear layers and "
+    "MACs = FLOPs/2 of one denoiser (U-Net or transformer) forward at batch 1, counting convolutions, linear layers and "
     "attention matmuls (cross-attention keys = text length); norms and element-wise ops excluded. "
     "gmacs_conv_linear leaves the attention matmuls out (the BK-SDM / thop convention). The APTP "
     "paper's 1,384.2 G for SD 2.1 charges cross-attention keys the query length; we do not."

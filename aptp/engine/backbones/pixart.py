@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aptp.engine import slicers as S
 from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, get
 from aptp.engine.backbones.unet import (attention_cost, attention_norms, attention_segments, ffn_cost, ffn_norms,
                                         ffn_segment, residual_mixer)
@@ -122,8 +123,6 @@ class PixArtBackbone(Backbone):
 
     # ------------------------------------------------------------------ slicing
     def slice(self, mod, op):
-        from aptp.engine import slicing as S
-
         if op["op"] == "heads":
             return S.slice_attention(mod, op["keep"], op["unit_width"])
         if op["op"] == "ffn_channels":
@@ -131,8 +130,6 @@ class PixArtBackbone(Backbone):
         raise ValueError(f"unknown plan operation {op['op']!r} for a PixArt transformer")
 
     def skip_module(self, mod):
-        from aptp.engine import slicing as S
-
         return S.SkippedTransformerBlock()
 
     def unit_norms(self, model, seg):

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from aptp.engine import slicers as S
 from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, get, mix
 
 UNET_KINDS = ("resnet_channels", "self_attn_heads", "cross_attn_heads", "ffn_channels", "depth")
@@ -282,8 +283,6 @@ class UNetBackbone(Backbone):
         return "mid_block" if parts[0] == "mid_block" else "other"
 
     def slice(self, mod, op):
-        from aptp.engine import slicing as S
-
         kind = op["op"]
         if kind == "resnet_channels":
             return S.slice_resnet(mod, op["keep"], op["unit_width"])
@@ -294,8 +293,6 @@ class UNetBackbone(Backbone):
         raise ValueError(f"unknown plan operation {kind!r} for a U-Net")
 
     def skip_module(self, mod):
-        from aptp.engine import slicing as S
-
         if hasattr(mod, "conv1"):
             return S.SkippedResnet(mod.out_channels)
         if type(mod).__name__ == "BasicTransformerBlock":
