@@ -11,7 +11,7 @@ import torch
 
 from aptp.engine.expert import save_expert
 from aptp.engine.macs import build_macs_model
-from aptp.engine.slicing import slice_unet
+from aptp.engine.slicing import slice_model
 from aptp.io import atomic_write_json
 from aptp.rundir import EXPERTS_DIR, RunDir
 
@@ -51,8 +51,8 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None, align: in
 
     res = macs_resolution(s, teacher.vae_scale_factor)  # the deployment resolution, not the training one
     latent = res // teacher.vae_scale_factor
-    macs = build_macs_model(teacher.unet, space, latent, text_len=teacher.text_len)
-    full_params = _params(teacher.unet)
+    macs = build_macs_model(teacher.denoiser, space, latent, text_len=teacher.text_len)
+    full_params = _params(teacher.denoiser)
     hard = router.hard_codes()  # (N, D) binary, no noise
     if align > 1:
         from aptp.engine.align import align_vector
@@ -68,7 +68,7 @@ def materialize(run: RunDir, *, overwrite: bool = False, teacher=None, align: in
     counts = Counter(index.tolist())
     records = []
     for k in range(router.num_codes):
-        expert, plan = slice_unet(teacher.unet, space, hard[k])
+        expert, plan = slice_model(teacher.denoiser, space, hard[k])
         m = float(macs(hard[k].double())[0])
         plan.meta = {"base_model": s.model.name, "expert": k, "macs": m, "macs_ratio": m / macs.full,
                      "latent_size": latent, "macs_resolution": res, "text_len": teacher.text_len,

@@ -66,14 +66,9 @@ def make_scheduler(pipe, name: str):
 
 def denoiser_of(pipe) -> torch.nn.Module:
     """The pipeline's U-Net or transformer."""
-    from aptp.engine.backbones import backbone_for
+    from aptp.models.registry import denoiser_of as of
 
-    for name in ("unet", "transformer"):
-        m = getattr(pipe, name, None)
-        if m is not None:
-            backbone_for(m)  # refuse an unsupported denoiser here, in one line
-            return m
-    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    return of(pipe)
 
 
 def initial_latents(pipe, seed: int, height: int, width: int) -> torch.Tensor:

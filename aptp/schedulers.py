@@ -61,10 +61,13 @@ def dry_run(scheduler: Any, steps: int) -> str | None:
         return f"more than its {trained} training timesteps"
     sched = _copy(scheduler)
     try:
-        sched.set_timesteps(steps)
+        # flow-matching schedulers with resolution-dependent shifting (Flux) need the shift ``mu``
+        extra = {"mu": 1.0} if getattr(sched.config, "use_dynamic_shifting", False) else {}
+        sched.set_timesteps(steps, **extra)
         sample = torch.zeros(1, 4, 4, 4)
+        scale = getattr(sched, "scale_model_input", None)  # flow matching has none
         for t in sched.timesteps:
-            model_input = sched.scale_model_input(sample, t)
+            model_input = scale(sample, t) if scale is not None else sample
             sample = sched.step(torch.zeros_like(model_input), t, sample).prev_sample
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot run this many steps"
         text = " ".join(str(exc).split())

@@ -48,7 +48,7 @@ def read_vector(path: Path) -> torch.Tensor:
 
 @command
 def inspect_model(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (sd2.1, sd1.5, sdxl, toy), local diffusers folder or hub id.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (sd2.1, sd1.5, sdxl, pixart-alpha, sd3-medium, flux-dev, toy, toy-dit), local diffusers folder or hub id.")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's native size).")] = None,
     text_len: Annotated[Optional[int], typer.Option(help="Text tokens seen by cross-attention (default: the model's tokenizer length, 77 for SD).")] = None,
     vector: Annotated[Optional[Path], typer.Option(help="Also report an architecture vector (.json/.pt/.safetensors, length D).")] = None,

@@ -35,7 +35,7 @@ def paper_recipe(data: str | None, model: str | None, recipe: Path | None, overr
 
 @command
 def prune(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Teacher: alias (toy, sd2.1, sd1.5, sdxl), diffusers folder or hub id.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Teacher: alias (toy, toy-dit, sd2.1, sd1.5, sdxl, pixart-alpha, sd3-medium, flux-dev), diffusers folder or hub id.")] = None,
     data: Annotated[Optional[str], typer.Option(help="shapes | coco | cc3m | PATH to an image folder with metadata.jsonl.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Root folder of coco / cc3m.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Target MACs as a fraction of the teacher's (0 < b <= 1).")] = None,

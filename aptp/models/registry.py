@@ -371,6 +371,20 @@ def load_unet(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: boo
         raise ModelNotFoundError(_missing_weights_message(ref.source, "U-Net weights")) from None
 
 
+def denoiser_of(pipe) -> nn.Module:
+    """A pipeline's denoiser: its ``unet`` or ``transformer`` (whichever the family holds).
+
+    Raises:
+        UnsupportedModelError: it holds neither, or a denoiser no backbone adapter handles.
+    """
+    for name in ("unet", "transformer"):
+        m = getattr(pipe, name, None)
+        if m is not None:
+            backbone_for(m, f"the {type(pipe).__name__}'s {name}")
+            return m
+    raise UnsupportedModelError(f"a {type(pipe).__name__} holds neither a unet nor a transformer")
+
+
 def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only: bool = False,
                   revision: str | None = None):
     """Load the whole pipeline (VAE, text encoder(s), tokenizer(s), scheduler, denoiser): the

@@ -28,7 +28,7 @@ from aptp.io import atomic_write_json, prepare_output_dir
 from aptp.rundir import FINETUNED_DIR, RunDir
 from aptp.settings import Settings, write_settings
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
-from aptp.train.diffusion import diffusion_target
+from aptp.train.diffusion import add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
 from aptp.train.prune import _truncate_metrics
@@ -118,16 +118,16 @@ class ExpertTrainer:
         text = t.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
         latents = mean + std * torch.randn(mean.shape, generator=g).to(mean)
         noise = torch.randn(mean.shape, generator=g).to(mean)
-        steps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(mean.device)
-        x_t = t.noise_scheduler.add_noise(latents, noise, steps)
+        steps = sample_timesteps(t.noise_scheduler, b, generator=g).to(mean.device)  # DDPM ints or flow σ·N
+        x_t = add_noise(t.noise_scheduler, latents, noise, steps)
         target = diffusion_target(t.noise_scheduler, latents, noise, steps)
         inner = self.acc.unwrap_model(self.model)
         with self.acc.autocast(), capture_blocks(inner) as sb:
             pred = t.predict(self.model, x_t, steps, text)
         l_ddpm = per_sample_mse(pred, target).mean()
         if f.alpha_distill > 0:
-            with torch.no_grad(), self.acc.autocast(), capture_blocks(t.unet) as tb:
-                teacher_out = t.predict(t.unet, x_t, steps, text)
+            with torch.no_grad(), self.acc.autocast(), capture_blocks(t.denoiser) as tb:
+                teacher_out = t.predict(t.denoiser, x_t, steps, text)
             l_out, l_block = distill_loss(pred, teacher_out, sb, tb)
             l_out, l_block = l_out.mean(), l_block.mean()
         else:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from aptp.data import build_dataset
-from aptp.engine.gates import UNetGates
+from aptp.engine.gates import Gates
 from aptp.engine.macs import build_macs_model
 from aptp.models.profiles import macs_resolution
 from aptp.engine.space import build_space
@@ -53,7 +53,7 @@ from aptp.router.router import PromptRouter, save_router
 from aptp.settings import Settings, write_settings
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
-from aptp.train.diffusion import diffusion_target
+from aptp.train.diffusion import add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.teacher import Teacher, load_teacher
 
@@ -99,16 +99,16 @@ class Pruner:
         self.dataset = build_dataset(settings.data, seed=settings.seed)
         self.teacher = teacher or load_teacher(settings.model, device=self.device)
         t = self.teacher
-        self.space = build_space(t.unet, settings.space.ffn_groups, settings.space.depth_policy)
+        self.space = build_space(t.denoiser, settings.space.ffn_groups, settings.space.depth_policy)
         res = settings.data.resolution
         if res % t.vae_scale_factor:
             raise SettingsError(f"data.resolution {res}: must be a multiple of the VAE scale factor {t.vae_scale_factor}")
         self.latent_size = res // t.vae_scale_factor
         # the budget is counted at the deployment resolution, not the training one (DESIGN.md §3)
         self.macs_resolution = macs_resolution(settings, t.vae_scale_factor)
-        self.macs = build_macs_model(t.unet, self.space, self.macs_resolution // t.vae_scale_factor,
+        self.macs = build_macs_model(t.denoiser, self.space, self.macs_resolution // t.vae_scale_factor,
                                      text_len=t.text_len)
-        self.gates = UNetGates(t.unet, self.space)
+        self.gates = Gates(t.denoiser, self.space)
 
         captions = self.dataset.captions()
         cache = settings.router.embedding_cache or default_embedding_cache()
@@ -138,7 +138,7 @@ class Pruner:
         if self.static:
             from aptp.engine.baselines import weight_norm_vector
 
-            v = weight_norm_vector(t.unet, self.space, self.macs, self.budget)
+            v = weight_norm_vector(t.denoiser, self.space, self.macs, self.budget)
             bias = self.router.init_bias
             with torch.no_grad():  # the single code's hard vector is exactly v
                 self.router.codes.logits.copy_(torch.where(v > 0, bias, -bias).unsqueeze(0))
@@ -170,11 +170,11 @@ class Pruner:
         shape = mean.shape[1:]
         eps_vae = torch.randn((bg, *shape), generator=g)[mine].to(mean)
         noise = torch.randn((bg, *shape), generator=g)[mine].to(mean)
-        timesteps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (bg,), generator=g)[mine]
+        timesteps = sample_timesteps(t.noise_scheduler, bg, generator=g)[mine]  # DDPM ints or flow σ·N
         gumbel = logistic_noise((bg, self.space.size), generator=g)[mine].to(self.device)
         latents = mean + std * eps_vae
         timesteps = timesteps.to(self.device)
-        x_t = t.noise_scheduler.add_noise(latents, noise, timesteps)
+        x_t = add_noise(t.noise_scheduler, latents, noise, timesteps)
         target = diffusion_target(t.noise_scheduler, latents, noise, timesteps)
 
         z = batch["z"]
@@ -198,12 +198,12 @@ class Pruner:
             l_assign = global_mean(assignment_loss(cos, assign, s.router.assignment_temperature),
                                    self.comm.all_reduce)
 
-        with self._autocast(), self.gates.apply(vectors), capture_blocks(t.unet) as student_blocks:
-            student = t.predict(t.unet, x_t, timesteps, text)
+        with self._autocast(), self.gates.apply(vectors), capture_blocks(t.denoiser) as student_blocks:
+            student = t.predict(t.denoiser, x_t, timesteps, text)
         l_ddpm = per_sample_mse(student, target)  # (B,)
         if p.distill:
-            with torch.no_grad(), self._autocast(), self.gates.off(), capture_blocks(t.unet) as teacher_blocks:
-                teacher_out = t.predict(t.unet, x_t, timesteps, text)
+            with torch.no_grad(), self._autocast(), self.gates.off(), capture_blocks(t.denoiser) as teacher_blocks:
+                teacher_out = t.predict(t.denoiser, x_t, timesteps, text)
             l_out, l_block = distill_loss(student, teacher_out, student_blocks, teacher_blocks)
         else:
             l_out = l_block = torch.zeros_like(l_ddpm)

@@ -9,7 +9,7 @@ from torch import nn
 
 from aptp.engine.backbones import Backbone, backbone_for
 from aptp.models.conditioning import Conditioning
-from aptp.models.registry import load_pipeline, resolve_model
+from aptp.models.registry import denoiser_of, load_pipeline, resolve_model
 from aptp.settings import ModelSettings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,11 +42,7 @@ class Teacher:
     @property
     def denoiser(self) -> nn.Module:
         """The U-Net or diffusion transformer."""
-        for name in ("unet", "transformer"):
-            m = getattr(self.pipeline, name, None)
-            if m is not None:
-                return m
-        raise AttributeError("the pipeline has neither a unet nor a transformer")
+        return denoiser_of(self.pipeline)
 
     @property
     def unet(self) -> nn.Module:  # the name before diffusion transformers
@@ -95,8 +91,7 @@ def load_teacher(model: ModelSettings, device: torch.device | str = "cpu") -> Te
         if getattr(pipe, part, None) is not None:  # text_encoder_2: SDXL, SD3, Flux; _3: SD3
             freeze(getattr(pipe, part))
     pipe.set_progress_bar_config(disable=True)
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-    backbone = backbone_for(denoiser)
+    backbone = backbone_for(denoiser_of(pipe))
     return Teacher(pipeline=pipe, noise_scheduler=training_scheduler(pipe.scheduler),
                    vae_scale_factor=int(pipe.vae_scale_factor), text_len=backbone.text_len(pipe),
                    backbone=backbone)
