@@ -104,7 +104,8 @@ def inspect_model(
               f"{report['gmacs']:.4g}", f"{report['gmacs_conv_linear']:.4g}", style="bold")
     out.print(t)
     ops = report["gmacs_by_op"]
-    out.print(f"GMACs by op: conv {ops['conv']:.1f}, linear {ops['linear']:.1f}, attention {ops['attention']:.1f}")
+    out.print(f"GMACs by op: conv {ops['conv']:.1f}, linear {ops['linear']:.1f}, attention {ops['attention']:.1f}; "
+              f"analytic {report['gmacs_analytic']:.2f} (counted {report['gmacs']:.2f})")
     if "vector" in report:
         v = report["vector"]
         out.print(f"vector: {v['kept_total']}/{space.size} units kept, {v['gmacs']:.2f} GMACs "
