@@ -87,9 +87,9 @@ def load_teacher(model: ModelSettings, device: torch.device | str = "cpu") -> Te
     ref = resolve_model(model.name)
     pipe = load_pipeline(ref, dtype=DTYPES[model.dtype], local_only=model.local_files_only, revision=model.revision)
     pipe.to(device)
-    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        if getattr(pipe, part, None) is not None:  # text_encoder_2: SDXL, SD3, Flux; _3: SD3
-            freeze(getattr(pipe, part))
+    for part in pipe.components.values():  # denoiser, VAE and every text encoder
+        if isinstance(part, nn.Module):
+            freeze(part)
     pipe.set_progress_bar_config(disable=True)
     backbone = backbone_for(denoiser_of(pipe))
     return Teacher(pipeline=pipe, noise_scheduler=training_scheduler(pipe.scheduler),
