@@ -28,13 +28,12 @@ from aptp.engine.space import ArchSpace
 OTHER = "other"
 
 
-def block_names(unet_or_config) -> list[str]:
-    """Top-level blocks in execution order: ``down_blocks.0..``, ``mid_block``, ``up_blocks.0..``."""
-    cfg = getattr(unet_or_config, "config", unet_or_config)
-    down = [f"down_blocks.{i}" for i in range(len(cfg["down_block_types"]))]
-    up = [f"up_blocks.{i}" for i in range(len(cfg["up_block_types"]))]
-    mid = ["mid_block"] if cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None else []
-    return down + mid + up
+def block_names(model) -> list[str]:
+    """Top-level blocks in execution order, as the model's backbone names them (a U-Net:
+    ``down_blocks.0..``, ``mid_block``, ``up_blocks.0..``; a transformer: its blocks)."""
+    from aptp.engine.backbones import backbone_for
+
+    return backbone_for(model).block_names(model)
 
 
 class BlockMacs:
@@ -81,18 +80,18 @@ def counted_block_macs(unet: nn.Module, latent_size: int | tuple[int, int], text
     may be a sliced expert). Used to check :class:`BlockMacs`; ``other`` is what no block holds."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from aptp.engine.macs import _dummy_inputs, meta_clone
-    from aptp.models.conditioning import unet_forward
+    from aptp.engine.macs import _dummy_inputs, _forward, meta_clone
 
     model = meta_clone(unet)
-    sample, t, cond = _dummy_inputs(model, latent_size, text_len)  # SDXL: added conditioning too
+    sample, t, cond = _dummy_inputs(model, latent_size, text_len)  # the backbone's inputs
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet_forward(model, sample, t, cond)
+        _forward(model, sample, t, cond)
     counts = counter.get_flop_counts()
     blocks = block_names(unet)
     out = {}
     for b in blocks:
         # keys are module paths under the root class name, e.g. "UNet2DConditionModel.down_blocks.0"
+        # (FlopCounterMode counts a block and, separately, each module inside it)
         out[b] = sum(sum(ops.values()) for key, ops in counts.items() if key.split(".", 1)[-1] == b) / 2
     out[OTHER] = counter.get_total_flops() / 2 - sum(out.values())
     return out
@@ -111,8 +110,7 @@ def expert_block_table(run) -> pd.DataFrame:
         The long table of :meth:`BlockMacs.table`, experts in index order, blocks in execution
         order with ``other`` last.
     """
-    from diffusers import UNet2DConditionModel
-
+    from aptp.engine.backbones import backbone_for
     from aptp.engine.expert import CONFIG_FILE, read_plan
     from aptp.errors import AptpUserError
 
@@ -132,8 +130,7 @@ def expert_block_table(run) -> pd.DataFrame:
     from aptp.rundir import read_json
 
     config = read_json(Path(path) / CONFIG_FILE)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+    unet = backbone_for(config).build(config, "meta")
     if "latent_size" not in meta or "text_len" not in meta:
         raise AptpUserError(f"{path}/plan.json: meta lacks latent_size / text_len; "
                             f"run `aptp materialize {run.path} --overwrite`")

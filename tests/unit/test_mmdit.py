@@ -454,3 +454,25 @@ def test_soft_gates_give_every_entry_a_gradient(name):
         out = backbone_for(m).forward(m, x, t, c)
     out.square().mean().backward()
     assert bool((v.grad.abs() > 0).all())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_block_macs_equal_the_count_per_block(family):
+    """Per-block MACs (inspect-experts' block plot) of a pruned MMDiT equal FlopCounterMode's."""
+    from aptp.analysis.blocks import BlockMacs, block_names, counted_block_macs
+
+    model, space, latent, text_len = _block_macs_case(family)
+    names = block_names(model)
+    assert names[0] == "transformer_blocks.0" and all("." in n for n in names)
+    v = torch.ones(space.size)
+    v[::3] = 0
+    bm = BlockMacs(model, space, latent, text_len)
+    expert, _ = slice_model(model, space, v)
+    counted = counted_block_macs(expert, latent, text_len)
+    for b, m in bm(v).items():
+        assert m == pytest.approx(counted[b], rel=1e-9, abs=1e-6)
+
+
+def _block_macs_case(family):
+    model = tiny(family)
+    return model, build_space(model, ffn_groups=4), LAT, TEXT

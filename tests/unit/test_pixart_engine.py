@@ -177,3 +177,16 @@ def test_real_pixart_alpha_config_on_meta():
     counted = count_macs(m, 128, 120)
     assert macs.full == pytest.approx(counted, rel=1e-9)
     assert counted / 1e9 == pytest.approx(3254.76, abs=0.01)
+
+
+def test_block_macs_equal_the_count_per_block(model, space):
+    """Per-block MACs (inspect-experts' block plot) of a pruned PixArt equal FlopCounterMode's."""
+    from aptp.analysis.blocks import BlockMacs, counted_block_macs
+
+    v = vectors(space)[5]
+    bm = BlockMacs(model, space, 8, TEXT)
+    assert bm.blocks[:3] == ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"]
+    expert, _ = slice_model(model, space, v)
+    counted = counted_block_macs(expert, 8, TEXT)
+    for b, m in bm(v).items():
+        assert m == pytest.approx(counted[b], rel=1e-9, abs=1e-6)

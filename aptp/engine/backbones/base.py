@@ -142,6 +142,17 @@ class Backbone:
         """The top-level block a module path belongs to, for per-block reports."""
         raise NotImplementedError
 
+    def block_names(self, model: nn.Module) -> list[str]:
+        """The top-level blocks (as :meth:`block_of` names them) in execution order, ``other``
+        left out. The default takes them in module-registration order, which is the execution
+        order of the transformer backbones."""
+        out: list[str] = []
+        for name, _ in model.named_modules():
+            b = self.block_of(name) if name else "other"
+            if b != "other" and b not in out:
+                out.append(b)
+        return out
+
     # ------------------------------------------------------------------ slicing
     def slice(self, module: nn.Module, op: dict) -> nn.Module:
         """Apply one plan operation (not ``skip``) to ``module``; return it or its replacement."""

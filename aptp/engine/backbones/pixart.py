@@ -119,7 +119,7 @@ class PixArtBackbone(Backbone):
 
     def block_of(self, name):
         parts = name.split(".")
-        return ".".join(parts[:2]) if parts[0] == "transformer_blocks" else "other"
+        return ".".join(parts[:2]) if parts[0] == "transformer_blocks" and len(parts) > 1 else "other"
 
     # ------------------------------------------------------------------ slicing
     def slice(self, mod, op):

@@ -282,6 +282,13 @@ class UNetBackbone(Backbone):
             return ".".join(parts[:2])
         return "mid_block" if parts[0] == "mid_block" else "other"
 
+    def block_names(self, unet):
+        cfg = unet.config
+        down = [f"down_blocks.{i}" for i in range(len(cfg["down_block_types"]))]
+        up = [f"up_blocks.{i}" for i in range(len(cfg["up_block_types"]))]
+        mid = ["mid_block"] if cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None else []
+        return down + mid + up
+
     def slice(self, mod, op):
         kind = op["op"]
         if kind == "resnet_channels":
