@@ -123,12 +123,18 @@ class PruneSettings(_Section):
     budget: float = Field(
         0.78, gt=0, le=1, description="Target MACs as a fraction of the base model (0 < b <= 1)."
     )
-    method: Literal["aptp", "uni-arch", "weight-norm"] = Field(
+    method: Literal["aptp", "uni-arch", "uni-arch-paper", "weight-norm"] = Field(
         "aptp",
-        description="'aptp': prompt-routed experts; 'uni-arch': one learned architecture for all prompts; "
-        "'weight-norm': one static architecture by L1 weight norms (Li et al. 2017), no training.",
+        description="'aptp': prompt-routed experts; 'uni-arch': one learned architecture for all prompts, "
+        "warm-started from the router's predicted architectures (stronger than the paper's baseline); "
+        "'uni-arch-paper': the paper's Uni-Arch baseline (§4.3), one architecture's two logit vectors trained "
+        "directly from keep-all for warmup_steps + steps, no predictor; 'weight-norm': one static architecture "
+        "by L1 weight norms (Li et al. 2017), no training.",
     )
-    optimal_transport: bool = Field(True, description="Balance prompts over codes with Sinkhorn OT.")
+    optimal_transport: bool = Field(
+        True, description="Balance prompts over codes with Sinkhorn OT. Off (the paper's ablation): each sample "
+        "goes to its nearest code while training and the assignment-consistency loss is off too (it would "
+        "train toward that same nearest-code assignment); contrastive, resource and distillation losses stay on.")
     distill: bool = Field(True, description="Distill from the unpruned teacher while pruning.")
     warmup_steps: int = Field(
         100, ge=0, description="Router warm-up steps before codes are used (paper: 500, see recipes/)."

@@ -15,7 +15,7 @@ from aptp.cli.progress import TrainProgress, LogFormat
 
 def default_run_dir(method: str, data: str, budget: float, experts: int) -> Path:
     name = Path(data).name if data not in ("shapes", "coco", "cc3m") else data
-    tag = f"{method}-{name}-{budget:g}" + ("" if method == "uni-arch" else f"x{experts}")
+    tag = f"{method}-{name}-{budget:g}" + ("" if method in ("uni-arch", "uni-arch-paper") else f"x{experts}")
     return Path("runs") / tag
 
 
@@ -40,7 +40,7 @@ def prune(
     data_root: Annotated[Optional[Path], typer.Option(help="Root folder of coco / cc3m.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Target MACs as a fraction of the teacher's (0 < b <= 1).")] = None,
     experts: Annotated[Optional[int], typer.Option(help="Number of experts (architecture codes).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="aptp (prompt-routed experts) or uni-arch (one architecture).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="aptp (prompt-routed experts), uni-arch (one architecture, warm-started from the router), uni-arch-paper (the paper's Uni-Arch: one architecture's logits trained directly) or weight-norm (static L1).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default runs/<method>-<data>-<budget>x<experts>).")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Training image size (default: the model's; MACs are counted at space.macs_resolution).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Steps with codes after warm-up.")] = None,
@@ -49,7 +49,7 @@ def prune(
     grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Base AdamW learning rate: x sqrt(global batch) unless --set prune.lr_scaling=none (paper: 2e-4).")] = None,
     prompt_encoder: Annotated[Optional[str], typer.Option(help="Sentence-transformer name or path.")] = None,
-    optimal_transport: Annotated[Optional[bool], typer.Option("--optimal-transport/--no-optimal-transport", help="Sinkhorn routing while training (off: nearest code, the ablation).")] = None,
+    optimal_transport: Annotated[Optional[bool], typer.Option("--optimal-transport/--no-optimal-transport", help="Sinkhorn routing while training. Off (the paper's ablation): nearest code while training and no assignment-consistency loss; contrastive, resource and distillation losses stay on.")] = None,
     distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Output + block distillation against the teacher.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed.")] = None,

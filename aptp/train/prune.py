@@ -18,7 +18,16 @@ processes; Sinkhorn sums and the contrastive batch are global, every loss is the
 of the global loss, and gradients of the (tiny) router are SUM-all-reduced, so N processes with
 B/N samples each train exactly what one process with B samples trains.
 
-Method ``uni-arch`` (§4.3 baseline): one learned architecture for every prompt. It gets aptp's
+Ablation ``optimal_transport: false`` (Table 3, Fig. 9): each sample goes to its nearest code
+while training, and the assignment-consistency loss is off as well (its target would be that same
+nearest-code assignment, which reinforces collapse); the contrastive, resource and distillation
+losses stay.
+
+Method ``uni-arch-paper`` (the paper's §4.3 Uni-Arch baseline): one architecture whose two logit
+vectors (width η_v, depth η_u) train directly from keep-all for ``warmup_steps + steps``, no
+predictor, no warm-up, no contrastive loss.
+
+Method ``uni-arch`` (a stronger, warm-started Uni-Arch): one learned architecture for every prompt. It gets aptp's
 warm-up (the predictor's own vectors gate the model, contrastive loss included), then a single
 code starts at the medoid of the predicted architectures and trains alone (no routing, no
 contrastive loss). A code started at the keep-all logit 3 moves about ``lr`` per step and was
@@ -86,8 +95,9 @@ class Pruner:
         self.comm = comm or default_collective()
         self.device = torch.device(device)
         self.log = log or (lambda rec: None)
-        self.uni = self.p.method in ("uni-arch", "weight-norm")  # one architecture for every prompt
+        self.uni = self.p.method in ("uni-arch", "uni-arch-paper", "weight-norm")  # one architecture for all
         self.static = self.p.method == "weight-norm"
+        self.direct = self.p.method == "uni-arch-paper"  # the code trains from the start, no warm-up
         global_batch = self.p.batch_size * self.comm.world_size
         if self.p.method == "aptp" and settings.router.num_experts > global_batch:
             raise SettingsError(
@@ -130,7 +140,7 @@ class Pruner:
         warm = max(1, self.p.lr_warmup_steps)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.step = 0
-        self.codes_ready = self.static  # aptp and uni-arch start with the warm-up
+        self.codes_ready = self.static or self.direct  # aptp and uni-arch start with the warm-up
         self.skipped = 0
         self.budget = self.p.budget
         self.global_batch = self.p.batch_size * self.comm.world_size
@@ -193,7 +203,7 @@ class Pruner:
                                               all_reduce=self.comm.all_reduce)
             vectors = code_gates[assign]
         l_assign = None
-        if assign is not None and not self.uni and p.lambda_assign > 0:
+        if assign is not None and not self.uni and p.lambda_assign > 0 and p.optimal_transport:
             cos = self.router.cosines(e)  # (B, N), differentiable in e and the codes
             l_assign = global_mean(assignment_loss(cos, assign, s.router.assignment_temperature),
                                    self.comm.all_reduce)

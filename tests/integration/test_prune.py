@@ -70,7 +70,7 @@ def test_prune_writes_the_run_directory(tiny_pipeline_dir, emb_cache, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--no-optimal-transport"], ["--no-distill"], ["--method", "uni-arch"],
-                                   ["--method", "weight-norm"]])
+                                   ["--method", "uni-arch-paper"], ["--method", "weight-norm"]])
 def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
     run = tmp_path / "run"
     res = cli(*common(tiny_pipeline_dir, emb_cache, steps=2), *flags, "--output", str(run))
@@ -79,10 +79,16 @@ def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
     rows = metrics(run)
     if "--no-distill" in flags:
         assert all(r["loss_distill_block"] == 0 for r in rows)
+    if "--no-optimal-transport" in flags:  # the paper's ablation: no assignment loss toward the nearest code
+        assert all(r["loss_assign"] == 0 for r in rows) and any(r["loss_contrastive"] != 0 for r in rows)
+    if "uni-arch-paper" in flags:  # the paper's baseline: the single code trains from the first step
+        assert routing["num_codes"] == 1
+        assert [r["phase"] for r in rows] == ["uni-arch"] * 4
+        assert all(r["loss_contrastive"] == 0 and r["loss_assign"] == 0 for r in rows)
     if "weight-norm" in flags:  # static: no training, one architecture just under the budget
         assert rows == [] and routing["num_codes"] == 1
         assert 0.7 <= routing["mean_macs_ratio"] <= 0.78
-    if "uni-arch" in flags:
+    if flags == ["--method", "uni-arch"]:
         # the same warm-up as aptp, then the single code (started at the medoid of the predicted architectures)
         assert routing["num_codes"] == 1
         assert [r["phase"] for r in rows] == ["warmup"] * 2 + ["uni-arch"] * 2

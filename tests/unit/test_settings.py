@@ -310,8 +310,8 @@ def test_load_settings_errors(tmp_path):
 
 
 # The toy model's training recipes have their own schema (aptp.train.toy.ToyTrainSettings) and are
-# validated in test_toy.py.
-_TRAINING_RECIPES = {"toy-vae.yaml", "toy-teacher.yaml", "toy-clip.yaml"}
+# validated in test_toy.py (and test_toy_dit_train.py).
+_TRAINING_RECIPES = {"toy-vae.yaml", "toy-teacher.yaml", "toy-clip.yaml", "toy-dit-teacher.yaml"}  # toy-dit: test_toy_dit_train.py
 
 
 @pytest.mark.parametrize("recipe", sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name not in _TRAINING_RECIPES),
@@ -330,7 +330,9 @@ def test_guidance_defaults_to_the_models_recommended_scale(tmp_path):
     assert GenerateSettings().guidance is None
     assert default_guidance("toy") == 3.0 and default_guidance("sd2.1") == 7.5
     assert default_guidance(str(tmp_path)) == 7.5 and default_guidance(None) == 7.5  # folders, hub ids: 7.5
-    pipe = SimpleNamespace(unet=None)
+    from tests.conftest import make_tiny_unet
+
+    pipe = SimpleNamespace(unet=make_tiny_unet(randomize=False), tokenizer=SimpleNamespace(model_max_length=77))
     assert ExpertPipeline(None, pipe, model="toy").guidance(GenerateSettings()) == 3.0
     assert ExpertPipeline(None, pipe, model="sd2.1").guidance(GenerateSettings()) == 7.5
     assert ExpertPipeline(None, pipe, model="toy").guidance(GenerateSettings(guidance=7.5)) == 7.5  # given wins
