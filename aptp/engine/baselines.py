@@ -32,9 +32,17 @@ def unit_l1_norms(unet: nn.Module, space: ArchSpace) -> torch.Tensor:
 
 def weight_norm_vector(unet: nn.Module, space: ArchSpace, macs: MacsModel, budget: float) -> torch.Tensor:
     """A hard (D,) vector keeping the largest-norm units, with MACs ratio just under ``budget``."""
+    return importance_vector(space, macs, unit_l1_norms(unet, space), budget)
+
+
+def importance_vector(space: ArchSpace, macs: MacsModel, norms: torch.Tensor, budget: float) -> torch.Tensor:
+    """A hard (D,) vector keeping the most important width units (``norms``: (D,) importance,
+    NaN at depth units), with MACs ratio just under ``budget``: units are dropped weakest first
+    relative to their layer's mean importance, every layer keeps its strongest unit, depth units
+    are kept. Shared by weight-norm (L1 norms) and Taylor (first-order loss change)."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
-    norms = unit_l1_norms(unet, space)
+    norms = norms.double()
     score = torch.full_like(norms, float("inf"))
     for seg in space.segments:
         if seg.kind == "depth":

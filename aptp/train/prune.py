@@ -27,6 +27,9 @@ Method ``uni-arch-paper`` (the paper's §4.3 Uni-Arch baseline): one architectur
 vectors (width η_v, depth η_u) train directly from keep-all for ``warmup_steps + steps``, no
 predictor, no warm-up, no contrastive loss.
 
+Methods ``weight-norm`` and ``taylor``: one static architecture from unit importances (L1 weight
+norms; first-order Taylor importance over timesteps, :mod:`aptp.train.taylor`), no training.
+
 Method ``uni-arch`` (a stronger, warm-started Uni-Arch): one learned architecture for every prompt. It gets aptp's
 warm-up (the predictor's own vectors gate the model, contrastive loss included), then a single
 code starts at the medoid of the predicted architectures and trains alone (no routing, no
@@ -95,8 +98,8 @@ class Pruner:
         self.comm = comm or default_collective()
         self.device = torch.device(device)
         self.log = log or (lambda rec: None)
-        self.uni = self.p.method in ("uni-arch", "uni-arch-paper", "weight-norm")  # one architecture for all
-        self.static = self.p.method == "weight-norm"
+        self.uni = self.p.method in ("uni-arch", "uni-arch-paper", "weight-norm", "taylor")  # one for all prompts
+        self.static = self.p.method in ("weight-norm", "taylor")  # no training: a vector from importances
         self.direct = self.p.method == "uni-arch-paper"  # the code trains from the start, no warm-up
         global_batch = self.p.batch_size * self.comm.world_size
         if self.p.method == "aptp" and settings.router.num_experts > global_batch:
@@ -146,9 +149,16 @@ class Pruner:
         self.global_batch = self.p.batch_size * self.comm.world_size
         self.total_steps = 0 if self.static else self.p.warmup_steps + self.p.steps
         if self.static:
-            from aptp.engine.baselines import weight_norm_vector
+            from aptp.engine.baselines import importance_vector, unit_l1_norms
 
-            v = weight_norm_vector(t.denoiser, self.space, self.macs, self.budget)
+            if self.p.method == "taylor":
+                from aptp.train.taylor import taylor_scores
+
+                scores = taylor_scores(t, self.space, self.dataset, batches=self.p.importance_batches,
+                                       batch_size=self.p.batch_size, seed=self.p.seed, gates=self.gates)
+            else:
+                scores = unit_l1_norms(t.denoiser, self.space)
+            v = importance_vector(self.space, self.macs, scores, self.budget)
             bias = self.router.init_bias
             with torch.no_grad():  # the single code's hard vector is exactly v
                 self.router.codes.logits.copy_(torch.where(v > 0, bias, -bias).unsqueeze(0))

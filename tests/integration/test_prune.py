@@ -70,7 +70,7 @@ def test_prune_writes_the_run_directory(tiny_pipeline_dir, emb_cache, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--no-optimal-transport"], ["--no-distill"], ["--method", "uni-arch"],
-                                   ["--method", "uni-arch-paper"], ["--method", "weight-norm"]])
+                                   ["--method", "uni-arch-paper"], ["--method", "weight-norm"], ["--method", "taylor"]])
 def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
     run = tmp_path / "run"
     res = cli(*common(tiny_pipeline_dir, emb_cache, steps=2), *flags, "--output", str(run))
@@ -85,7 +85,7 @@ def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
         assert routing["num_codes"] == 1
         assert [r["phase"] for r in rows] == ["uni-arch"] * 4
         assert all(r["loss_contrastive"] == 0 and r["loss_assign"] == 0 for r in rows)
-    if "weight-norm" in flags:  # static: no training, one architecture just under the budget
+    if "weight-norm" in flags or "taylor" in flags:  # static: no training, one architecture just under the budget
         assert rows == [] and routing["num_codes"] == 1
         assert 0.7 <= routing["mean_macs_ratio"] <= 0.78
     if flags == ["--method", "uni-arch"]:
