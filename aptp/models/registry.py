@@ -397,7 +397,9 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, local_only:
     if ref.alias is not None and ref.alias.local_path is not None and not (Path(ref.source) / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"--model {ref.name}: its weights are not installed at {ref.source}; train them with "
-            f"recipes/toy-*.yaml (python -m aptp.train.toy ...) and export, or pass --model FOLDER")
+            + ("recipes/toy-dit-teacher.yaml (python -m aptp.train.toy_dit train ...)" if ref.name == "toy-dit"
+               else "recipes/toy-*.yaml (python -m aptp.train.toy ...)")
+            + " and export, or pass --model FOLDER")
     cls_name = _pipeline_class_name(ref, local_only) or "StableDiffusionPipeline"
     if backbone_for_pipeline(cls_name) is None:
         raise UnsupportedModelError(f"--model {ref.name}: a {cls_name} is not supported; aptp loads "
