@@ -376,7 +376,8 @@ def test_one_step_matches_the_stock_pipeline(family, tmp_path):
     call; initial_latents is the pipeline's own draw of the seed; text_len / call_kwargs agree."""
     import diffusers
 
-    tiny_dits = pytest.importorskip("tests.tiny_dits")
+    from tests import tiny_dits
+
     make = tiny_dits.make_tiny_sd3_dir if family == "sd3" else tiny_dits.make_tiny_flux_dir
     info = make(tmp_path / family, randomize_std=0.1)
     pipe = getattr(diffusers, info.pipeline).from_pretrained(info.path)
@@ -424,8 +425,6 @@ def test_real_configs_on_meta(name, params, gmacs, counts):
     """1024 px (latent 128; Flux packs it to 64 × 64 tokens), the MACs convention's text length
     (SD3: 77 + 256; Flux: 512), 32 FFN groups: analytic ≡ counted, full and one random expert."""
     path = resources.files("aptp.models") / "configs" / name
-    if not path.is_file():
-        pytest.skip(f"aptp/models/configs/{name} is not shipped")
     cfg = json.loads(path.read_text())
     bb = backbone_for(cfg)
     m = bb.build(cfg, "meta")

@@ -67,6 +67,15 @@ def get(config, key: str, default=None):
     return getattr(config, key, default)
 
 
+def depth_unit(depth: list[dict], path: str, block: str, depth_policy: str, parent: int = -1) -> int:
+    """Append the depth segment of the skippable block at ``path`` (policy ``paper``) and return
+    its index in ``depth``; -1 (nothing appended) under policy ``none``."""
+    if depth_policy != "paper":
+        return -1
+    depth.append(dict(kind="depth", module=path, size=1, unit_width=1, block=block, op="skip", parent=parent))
+    return len(depth) - 1
+
+
 def mix(u: torch.Tensor, out: torch.Tensor | None, inp: torch.Tensor | None) -> torch.Tensor | None:
     """``u·out + (1−u)·inp`` with a (B, 1) gate broadcast over ``out``'s trailing dims."""
     if out is None or inp is None:
@@ -154,9 +163,16 @@ class Backbone:
         return out
 
     # ------------------------------------------------------------------ slicing
+    def slicers(self) -> dict[str, Callable[[nn.Module, list[int], int], nn.Module]]:
+        """Plan operation name → slicer ``fn(module, keep, unit_width)`` (``skip`` excepted)."""
+        raise NotImplementedError
+
     def slice(self, module: nn.Module, op: dict) -> nn.Module:
         """Apply one plan operation (not ``skip``) to ``module``; return it or its replacement."""
-        raise NotImplementedError
+        fn = self.slicers().get(op["op"])
+        if fn is None:
+            raise ValueError(f"unknown plan operation {op['op']!r} for a {self.name} model")
+        return fn(module, op["keep"], op["unit_width"])
 
     def skip_module(self, module: nn.Module) -> nn.Module:
         """What a skipped depth block becomes (computes what the gate passes on at u = 0)."""

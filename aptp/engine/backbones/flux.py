@@ -33,7 +33,7 @@ from torch import nn
 
 from aptp.engine import slicers as S
 from aptp.engine.backbones import mmdit as M
-from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, get
+from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, depth_unit, get
 from aptp.engine.backbones.unet import ffn_cost, ffn_norms, ffn_segment
 
 T5_LEN = 512  # FluxPipeline's default max_sequence_length
@@ -185,21 +185,15 @@ class FluxBackbone(Backbone):
     def segments(self, model, ffn_groups, depth_policy):
         width, depth = [], []
 
-        def depth_unit(path):
-            if depth_policy != "paper":
-                return -1
-            depth.append(dict(kind="depth", module=path, size=1, unit_width=1, block=path, op="skip", parent=-1))
-            return len(depth) - 1
-
         for i, b in enumerate(model.transformer_blocks):
             path = f"transformer_blocks.{i}"
-            d = depth_unit(path)
+            d = depth_unit(depth, path, path, depth_policy)
             width.append(M.joint_attention_segment(b.attn, f"{path}.attn", path, d))
             width.append(ffn_segment(b.ff, f"{path}.ff", path, d, ffn_groups))
             width.append(ffn_segment(b.ff_context, f"{path}.ff_context", path, d, ffn_groups))
         for i, b in enumerate(model.single_transformer_blocks):
             path = f"single_transformer_blocks.{i}"
-            d = depth_unit(path)
+            d = depth_unit(depth, path, path, depth_policy)
             mlp = b.proj_mlp.out_features
             if mlp % ffn_groups:
                 raise ValueError(f"{path} has {mlp} MLP channels, not divisible into ffn_groups={ffn_groups}")
@@ -273,17 +267,9 @@ class FluxBackbone(Backbone):
         return "other"
 
     # ------------------------------------------------------------------ slicing
-    def slice(self, mod, op):
-        kind = op["op"]
-        if kind == M.JOINT_OP:
-            return M.slice_joint_attention(mod, op["keep"], op["unit_width"])
-        if kind == SINGLE_HEADS_OP:
-            return slice_single_heads(mod, op["keep"], op["unit_width"])
-        if kind == SINGLE_MLP_OP:
-            return slice_single_mlp(mod, op["keep"], op["unit_width"])
-        if kind == "ffn_channels":
-            return S.slice_ffn(mod, op["keep"], op["unit_width"])
-        raise ValueError(f"unknown plan operation {kind!r} for a Flux transformer")
+    def slicers(self):
+        return {M.JOINT_OP: M.slice_joint_attention, SINGLE_HEADS_OP: slice_single_heads,
+                SINGLE_MLP_OP: slice_single_mlp, "ffn_channels": S.slice_ffn}
 
     def skip_module(self, mod):
         return M.SkippedJointBlock(False)

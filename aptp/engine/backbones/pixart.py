@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from aptp.engine import slicers as S
-from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, get
+from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, depth_unit, get
 from aptp.engine.backbones.unet import (attention_cost, attention_norms, attention_segments, ffn_cost, ffn_norms,
                                         ffn_segment, residual_mixer)
 
@@ -71,10 +71,7 @@ class PixArtBackbone(Backbone):
         width, depth = [], []
         for i, tb in enumerate(model.transformer_blocks):
             path = f"transformer_blocks.{i}"
-            d = -1
-            if depth_policy == "paper":
-                d = len(depth)
-                depth.append(dict(kind="depth", module=path, size=1, unit_width=1, block=path, op="skip", parent=-1))
+            d = depth_unit(depth, path, path, depth_policy)
             width += attention_segments(tb, path, path, d)
             width.append(ffn_segment(tb.ff, f"{path}.ff", path, d, ffn_groups))
         return width, depth
@@ -122,12 +119,8 @@ class PixArtBackbone(Backbone):
         return ".".join(parts[:2]) if parts[0] == "transformer_blocks" and len(parts) > 1 else "other"
 
     # ------------------------------------------------------------------ slicing
-    def slice(self, mod, op):
-        if op["op"] == "heads":
-            return S.slice_attention(mod, op["keep"], op["unit_width"])
-        if op["op"] == "ffn_channels":
-            return S.slice_ffn(mod, op["keep"], op["unit_width"])
-        raise ValueError(f"unknown plan operation {op['op']!r} for a PixArt transformer")
+    def slicers(self):
+        return {"heads": S.slice_attention, "ffn_channels": S.slice_ffn}
 
     def skip_module(self, mod):
         return S.SkippedTransformerBlock()

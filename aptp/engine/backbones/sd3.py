@@ -25,7 +25,7 @@ import torch
 
 from aptp.engine import slicers as S
 from aptp.engine.backbones import mmdit as M
-from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, get
+from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, depth_unit, get
 from aptp.engine.backbones.unet import attention_cost, attention_norms, ffn_cost, ffn_norms, ffn_segment
 
 CLIP_LEN = 77  # CLIP-L / CLIP-G tokens (the pipeline's tokenizer_max_length)
@@ -74,10 +74,7 @@ class SD3Backbone(Backbone):
         width, depth = [], []
         for i, b in enumerate(model.transformer_blocks):
             path = f"transformer_blocks.{i}"
-            d = -1
-            if depth_policy == "paper":
-                d = len(depth)
-                depth.append(dict(kind="depth", module=path, size=1, unit_width=1, block=path, op="skip", parent=-1))
+            d = depth_unit(depth, path, path, depth_policy)
             width.append(M.joint_attention_segment(b.attn, f"{path}.attn", path, d))
             if getattr(b, "attn2", None) is not None:
                 a2 = b.attn2
@@ -129,15 +126,8 @@ class SD3Backbone(Backbone):
         return ".".join(parts[:2]) if parts[0] == "transformer_blocks" and len(parts) > 1 else "other"
 
     # ------------------------------------------------------------------ slicing
-    def slice(self, mod, op):
-        kind = op["op"]
-        if kind == M.JOINT_OP:
-            return M.slice_joint_attention(mod, op["keep"], op["unit_width"])
-        if kind == "heads":
-            return S.slice_attention(mod, op["keep"], op["unit_width"])
-        if kind == "ffn_channels":
-            return S.slice_ffn(mod, op["keep"], op["unit_width"])
-        raise ValueError(f"unknown plan operation {kind!r} for an SD3 transformer")
+    def slicers(self):
+        return {M.JOINT_OP: M.slice_joint_attention, "heads": S.slice_attention, "ffn_channels": S.slice_ffn}
 
     def skip_module(self, mod):
         return M.SkippedJointBlock(getattr(mod, "context_pre_only", False))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from aptp.engine import slicers as S
-from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, get, mix
+from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, depth_unit, get, mix
 
 UNET_KINDS = ("resnet_channels", "self_attn_heads", "cross_attn_heads", "ffn_channels", "depth")
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -201,9 +201,8 @@ class UNetBackbone(Backbone):
         depth: list[dict] = []
         for path, kind, mod, block, last in iter_layers(unet):
             depth_idx = -1
-            if depth_policy == "paper" and _is_skippable(path, kind, mod, unet, last):
-                depth_idx = len(depth)
-                depth.append(dict(kind="depth", module=path, size=1, unit_width=1, block=block, op="skip", parent=-1))
+            if _is_skippable(path, kind, mod, unet, last):
+                depth_idx = depth_unit(depth, path, block, depth_policy)
             if kind == "resnet":
                 groups = mod.norm2.num_groups
                 width.append(dict(kind="resnet_channels", module=path, size=groups,
@@ -215,9 +214,7 @@ class UNetBackbone(Backbone):
                 tpath = f"{path}.transformer_blocks.{t}"
                 inner_idx = depth_idx
                 if nested:  # each residual BasicTransformerBlock can be skipped on its own
-                    inner_idx = len(depth)
-                    depth.append(dict(kind="depth", module=tpath, size=1, unit_width=1, block=block, op="skip",
-                                      parent=depth_idx))
+                    inner_idx = depth_unit(depth, tpath, block, depth_policy, parent=depth_idx)
                 width += attention_segments(tb, tpath, block, inner_idx)
                 width.append(ffn_segment(tb.ff, f"{tpath}.ff", block, inner_idx, ffn_groups))
         return width, depth
@@ -289,15 +286,8 @@ class UNetBackbone(Backbone):
         mid = ["mid_block"] if cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None else []
         return down + mid + up
 
-    def slice(self, mod, op):
-        kind = op["op"]
-        if kind == "resnet_channels":
-            return S.slice_resnet(mod, op["keep"], op["unit_width"])
-        if kind == "heads":
-            return S.slice_attention(mod, op["keep"], op["unit_width"])
-        if kind == "ffn_channels":
-            return S.slice_ffn(mod, op["keep"], op["unit_width"])
-        raise ValueError(f"unknown plan operation {kind!r} for a U-Net")
+    def slicers(self):
+        return {"resnet_channels": S.slice_resnet, "heads": S.slice_attention, "ffn_channels": S.slice_ffn}
 
     def skip_module(self, mod):
         if hasattr(mod, "conv1"):
