@@ -106,6 +106,10 @@ class RouterSettings(_Section):
     )
     num_experts: int = Field(8, ge=1, description="Number of architecture codes (experts).")
     gumbel_temperature: float = Field(0.4, gt=0, description="Gumbel-Sigmoid temperature of the gates.")
+    similarity: Literal["logits", "gates", "centred"] = Field(
+        "logits", description="Space of the cosines that route (Eq. 22) and feed Sinkhorn: 'logits' (the paper, "
+        "raw code logits), 'gates' (noise-free sigmoid(logit/γ)), 'centred' (logits minus each vector's mean: the "
+        "shared keep-all offset removed, so fresh codes are not all cosine 0.9999 apart).")
     sinkhorn_epsilon: float = Field(0.05, gt=0, description="Entropic regularisation of Sinkhorn OT.")
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn iterations per batch.")
     contrastive_temperature: float = Field(0.03, gt=0, description="Temperature of the contrastive loss.")
@@ -140,6 +144,10 @@ class PruneSettings(_Section):
         "goes to its nearest code while training and the assignment-consistency loss is off too (it would "
         "train toward that same nearest-code assignment); contrastive, resource and distillation losses stay on.")
     distill: bool = Field(True, description="Distill from the unpruned teacher while pruning.")
+    snr_gamma: float | None = Field(
+        None, gt=0, description="Weight each sample's pruning loss (denoising + distillation) by min-SNR-γ "
+        "(Hang et al. 2023), normalised to mean 1 over the timesteps, so nearly clean timesteps do not dominate "
+        "what the architectures keep; null = uniform over timesteps (the paper).")
     warmup_steps: int = Field(
         100, ge=0, description="Router warm-up steps before codes are used (paper: 500, see recipes/)."
     )
@@ -194,6 +202,12 @@ class FinetuneSettings(_Section):
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     alpha_ddpm: float = Field(1e-4, ge=0, description="Weight of the denoising (DDPM) loss.")
     alpha_distill: float = Field(1.0, ge=0, description="Weight of the distillation loss.")
+    caption_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of training captions replaced by the empty prompt, so the "
+        "unconditional branch that classifier-free guidance uses keeps training (0 = the paper).")
+    snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-γ weights on the fine-tuning losses, mean 1 over the timesteps; "
+        "null = uniform (the paper).")
     ema: bool = Field(False, description="Keep an exponential moving average of the weights.")
     ema_decay: float = Field(0.9999, ge=0, le=1, description="EMA decay.")
     checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every this many steps.")

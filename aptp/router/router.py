@@ -6,7 +6,11 @@
 Similarity. Eq. 22 compares ``e`` and ``a`` directly, so by default (``similarity="logits"``)
 cosines are taken between the raw logits — the same cosines feed Sinkhorn (as in SwAV, whose
 scores are cosines of normalised features), so training-time assignment and inference routing
-use one geometry. ``similarity="gates"`` compares the noise-free gates ``sigmoid(·/γ)`` instead.
+use one geometry. ``similarity="gates"`` compares the noise-free gates ``sigmoid(·/γ)`` instead;
+``similarity="centred"`` compares logits with each vector's mean over its D entries removed
+(Pearson correlation): every logit starts at the same keep-all offset (+3), which makes the raw
+cosines of fresh codes and embeddings all ≈ 0.9999, so the offset, not the architecture, dominates
+the geometry; centring leaves only the differences between units.
 Routing never adds noise, so a prompt's expert is a pure function of the prompt — unlike the
 official implementation, which applied Gumbel noise (with a fixed seed) at inference.
 
@@ -48,8 +52,8 @@ __all__ = [
     "save_router",
 ]
 
-Similarity = Literal["logits", "gates"]
-SIMILARITIES = ("logits", "gates")
+Similarity = Literal["logits", "gates", "centred"]
+SIMILARITIES = ("logits", "gates", "centred")
 ROUTER_DIR = "router"
 CONFIG_FILE = "config.json"
 PREDICTOR_FILE = "predictor.safetensors"
@@ -97,9 +101,9 @@ class PromptRouter(nn.Module):
     @classmethod
     def from_settings(cls, settings: RouterSettings, encoder: PromptEncoder, arch_dim: int,
                       generator: torch.Generator | None = None) -> PromptRouter:
-        """Build from ``settings.router`` (experts, γ) for ``encoder`` and a space of size ``arch_dim``."""
+        """Build from ``settings.router`` (experts, γ, similarity) for ``encoder`` and a space of size ``arch_dim``."""
         return cls(encoder.dim, arch_dim, settings.num_experts, temperature=settings.gumbel_temperature,
-                   encoder=encoder, generator=generator)
+                   similarity=settings.similarity, encoder=encoder, generator=generator)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -152,8 +156,12 @@ class PromptRouter(nn.Module):
         return self.codes(self.temperature, generator=generator, hard=hard, training=training)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The vectors whose cosines route: ``x`` itself, or its noise-free gates."""
-        return x if self.similarity_space == "logits" else torch.sigmoid(x / self.temperature)
+        """The vectors whose cosines route: ``x`` itself, its noise-free gates, or ``x`` centred."""
+        if self.similarity_space == "gates":
+            return torch.sigmoid(x / self.temperature)
+        if self.similarity_space == "centred":
+            return x - x.mean(dim=-1, keepdim=True)
+        return x
 
     def similarity(self, e: torch.Tensor) -> torch.Tensor:
         """(B, N) cosine similarity of each embedding to each code, in float64 (no gradient

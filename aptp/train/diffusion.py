@@ -123,3 +123,42 @@ def noisy_batch(scheduler, latents: torch.Tensor, generator: torch.Generator | N
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     t = sample_timesteps(scheduler, b, generator, **sigma_kwargs).to(latents.device)
     return add_noise(scheduler, latents, noise, t), t, diffusion_target(scheduler, latents, noise, t)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) for the prediction target of ``scheduler``, shape
+    ``(B,)``, float32, normalised so that their mean over the training timestep distribution is 1
+    (the loss keeps its scale against the other terms; only its spread over noise levels changes).
+
+    In terms of the clean-latent error the weight is ``min(SNR, γ)``; on the scheduler's own target it
+    becomes ``min(SNR, γ)/SNR`` (epsilon), ``min(SNR, γ)/(SNR + 1)`` (v-prediction), ``min(SNR, γ)``
+    (sample) and ``min((1 − σ)², γ·σ²)`` (flow matching, velocity target, SNR = ((1 − σ)/σ)²).
+    It lowers the weight of the nearly clean timesteps, whose small errors otherwise dominate the
+    mean, and, for the velocity targets, that of the pure-noise ones.
+    """
+    if not gamma > 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    n = scheduler.config.num_train_timesteps
+
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        if is_flow_matching(scheduler):
+            sigma = (t.double() / n).clamp(1e-6, 1 - 1e-6)
+            return torch.minimum((1 - sigma) ** 2, gamma * sigma ** 2)
+        abar = scheduler.alphas_cumprod.double()[t.long().cpu()]
+        snr = abar / (1 - abar)
+        clipped = snr.clamp(max=gamma)
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            return clipped / snr
+        if kind == "v_prediction":
+            return clipped / (snr + 1)
+        if kind == "sample":
+            return clipped
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    if is_flow_matching(scheduler):
+        grid = sample_timesteps(scheduler, 8192, torch.Generator().manual_seed(0))  # the training σ law
+    else:
+        grid = torch.arange(n)  # uniform integer timesteps: the exact mean
+    scale = raw(grid).mean()
+    return (raw(timesteps.detach().cpu()) / scale).float().to(timesteps.device)

@@ -28,7 +28,7 @@ from aptp.io import atomic_write_json, prepare_output_dir
 from aptp.rundir import FINETUNED_DIR, RunDir
 from aptp.settings import Settings, write_settings
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
-from aptp.train.diffusion import add_noise, diffusion_target, sample_timesteps
+from aptp.train.diffusion import add_noise, diffusion_target, min_snr_weights, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
 from aptp.train.prune import _truncate_metrics
@@ -44,6 +44,10 @@ class FinetuneResult:
     interrupted: bool
     path: Path | None
     samples: int
+
+
+def _weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return per_sample.mean() if weights is None else (per_sample * weights).mean()
 
 
 def routed_indices(run: RunDir, k: int, is_main: bool, barrier: Callable[[], None],
@@ -115,7 +119,11 @@ class ExpertTrainer:
         b = len(batch["caption"])
         g = _gen(f.seed, 211, self.k, micro, self.acc.process_index)
         mean, std = t.encode_images(batch["pixel_values"])
-        text = t.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
+        captions = list(batch["caption"])
+        if f.caption_dropout > 0:  # its own stream: the default path draws exactly what it drew before
+            drop = torch.rand(b, generator=_gen(f.seed, 223, self.k, micro, self.acc.process_index)) < f.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        text = t.encode_text(captions, size=tuple(batch["pixel_values"].shape[-2:]))
         latents = mean + std * torch.randn(mean.shape, generator=g).to(mean)
         noise = torch.randn(mean.shape, generator=g).to(mean)
         steps = sample_timesteps(t.noise_scheduler, b, generator=g).to(mean.device)  # DDPM ints or flow σ·N
@@ -124,12 +132,13 @@ class ExpertTrainer:
         inner = self.acc.unwrap_model(self.model)
         with self.acc.autocast(), capture_blocks(inner) as sb:
             pred = t.predict(self.model, x_t, steps, text)
-        l_ddpm = per_sample_mse(pred, target).mean()
+        w = None if f.snr_gamma is None else min_snr_weights(t.noise_scheduler, steps, f.snr_gamma).to(pred.dtype)
+        l_ddpm = _weighted_mean(per_sample_mse(pred, target), w)
         if f.alpha_distill > 0:
             with torch.no_grad(), self.acc.autocast(), capture_blocks(t.denoiser) as tb:
                 teacher_out = t.predict(t.denoiser, x_t, steps, text)
             l_out, l_block = distill_loss(pred, teacher_out, sb, tb)
-            l_out, l_block = l_out.mean(), l_block.mean()
+            l_out, l_block = _weighted_mean(l_out, w), _weighted_mean(l_block, w)
         else:
             l_out = l_block = torch.zeros((), device=pred.device)
         loss = f.alpha_ddpm * l_ddpm + f.alpha_distill * (l_out + l_block)

@@ -65,7 +65,7 @@ from aptp.router.router import PromptRouter, save_router
 from aptp.settings import Settings, write_settings
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
-from aptp.train.diffusion import add_noise, diffusion_target, sample_timesteps
+from aptp.train.diffusion import add_noise, diffusion_target, min_snr_weights, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.teacher import Teacher, load_teacher
 
@@ -134,7 +134,8 @@ class Pruner:
             self.comm.all_reduce(torch.zeros(1))
         num_codes = 1 if self.uni else settings.router.num_experts
         self.router = PromptRouter(self.encoder.dim, self.space.size, num_codes,
-                                   temperature=settings.router.gumbel_temperature, encoder=self.encoder,
+                                   temperature=settings.router.gumbel_temperature,
+                                   similarity=settings.router.similarity, encoder=self.encoder,
                                    generator=_gen(self.p.seed, 1))
         self.router.to(self.device)
         params = list(self.router.parameters())
@@ -228,6 +229,8 @@ class Pruner:
         else:
             l_out = l_block = torch.zeros_like(l_ddpm)
         per_sample = l_ddpm + p.lambda_distill * (l_out + l_block)
+        if p.snr_gamma is not None:  # min-SNR-γ timestep weights, mean 1 over the timestep law
+            per_sample = per_sample * min_snr_weights(t.noise_scheduler, timesteps, p.snr_gamma).to(per_sample)
 
         # Eq. 15: the mean over codes of the mean over each code's samples, with global counts;
         # in warm-up a plain global mean. ``local_task`` is this process's share of that value.

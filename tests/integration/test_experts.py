@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import os
 import subprocess
 import sys
@@ -117,6 +119,25 @@ def test_finetune_two_steps_changes_weights(run):
     assert cli("finetune", str(run), "--expert", "9").exit_code == 2
 
 
+def test_finetune_caption_dropout_and_min_snr(run, tmp_path):
+    """finetune.caption_dropout and finetune.snr_gamma change the step-1 loss of the same samples."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("finetune", "finetuned"))
+    experts = json.loads((copy / "experts.json").read_text())["experts"]
+    k = max(experts, key=lambda e: e["prompts"])["expert"]
+    losses = {}
+    for name, extra in (("base", []), ("dropout", ["--set", "finetune.caption_dropout=0.9"]),
+                        ("snr", ["--set", "finetune.snr_gamma=5"])):
+        res = cli("finetune", str(copy), "--expert", str(k), "--steps", "1", "--batch-size", "4", "--overwrite",
+                  "--set", "finetune.log_every=1", "--quiet", *extra)
+        assert res.exit_code == 0, res.output
+        row = json.loads((copy / "finetune" / f"expert-{k}" / "metrics.jsonl").read_text().splitlines()[0])
+        losses[name] = row["loss"]
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["dropout"] != pytest.approx(losses["base"], rel=1e-4)
+    assert losses["snr"] != pytest.approx(losses["base"], rel=1e-4)
+
+
 def test_generate_mixed_batch_equals_alone(run, tmp_path):
     prompts = ["a red circle", "the word SUN in white letters on a black background",
                "two green triangles left of a yellow star", "a small blue square in the top left",
@@ -142,7 +163,6 @@ def test_generate_mixed_batch_equals_alone(run, tmp_path):
 
 
 def test_finetune_all_skips_experts_without_prompts(run, tmp_path):
-    import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("finetune", "finetuned"))
@@ -165,7 +185,6 @@ def test_finetune_all_skips_experts_without_prompts(run, tmp_path):
 def test_finetune_data_override_routes_the_data_it_trains_on(run, tmp_path):
     """`--set data.max_samples=…` at fine-tune time: the route index is built from the same data
     settings as the dataset that reads it (issue 12: it was built from the run's saved ones)."""
-    import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("finetune", "finetuned", "routes"))
@@ -211,7 +230,6 @@ def test_interrupted_generate_keeps_finished_images_and_lines(run, tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path):
-    import shutil
 
     no_codes = tmp_path / "no-codes"
     shutil.copytree(run, no_codes, ignore=shutil.ignore_patterns("finetune", "finetuned", "experts"))

@@ -95,6 +95,24 @@ def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
         assert all(r["loss_contrastive"] == 0 for r in rows[2:])
 
 
+def test_min_snr_and_centred_routing_settings(tiny_pipeline_dir, emb_cache, tmp_path):
+    """prune.snr_gamma reweights the task loss (same samples: unweighted terms equal, total differs);
+    router.similarity=centred trains and is stored with the router."""
+    base, snr = tmp_path / "base", tmp_path / "snr"
+    assert cli(*common(tiny_pipeline_dir, emb_cache, steps=2), "--output", str(base)).exit_code == 0
+    res = cli(*common(tiny_pipeline_dir, emb_cache, steps=2), "--set", "prune.snr_gamma=5",
+              "--set", "router.similarity=centred", "--output", str(snr))
+    assert res.exit_code == 0, res.output
+    a, b = metrics(base)[0], metrics(snr)[0]  # step 1: warm-up, the same batch, noise and timesteps
+    assert a["loss_ddpm"] == pytest.approx(b["loss_ddpm"], rel=1e-5)
+    assert a["loss"] != pytest.approx(b["loss"], rel=1e-3)
+    assert json.loads((snr / "router" / "config.json").read_text())["similarity"] == "centred"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(snr))
+    bad = cli(*common(tiny_pipeline_dir, emb_cache, steps=2), "--set", "prune.snr_gamma=0",
+              "--output", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_bad_input_is_one_line(tiny_pipeline_dir, emb_cache, tmp_path):
     for args, needle in ((["--budget", "1.5"], "budget"), (["--data", str(tmp_path / "nope")], "nope"),
                          (["--resolution", "20"], "multiple of 8")):

@@ -136,3 +136,28 @@ def test_ddpm_path_unchanged(prediction_type):
     assert torch.equal(add_noise(s, x0, noise, t_ref), s.add_noise(x0, noise, t_ref))
     assert torch.equal(sample_timesteps(s, 4, torch.Generator().manual_seed(5)),
                        torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(5)))
+
+
+def test_min_snr_weights_known_values():
+    from aptp.train.diffusion import min_snr_weights
+
+    ddpm = _ddpm("epsilon")
+    t = torch.arange(1000)
+    # epsilon target with an unreachable γ: min(SNR, γ)/SNR = 1 everywhere
+    assert torch.allclose(min_snr_weights(ddpm, t, 1e12), torch.ones(1000))
+    # v target with an unreachable γ: SNR/(SNR + 1) = ᾱ, normalised to mean 1
+    abar = _ddpm("v_prediction").alphas_cumprod.double()
+    assert torch.allclose(min_snr_weights(_ddpm("v_prediction"), t, 1e12).double(), abar / abar.mean(), atol=1e-6)
+    for kind in ("epsilon", "v_prediction", "sample"):
+        w = min_snr_weights(_ddpm(kind), t, 5.0)
+        assert w.dtype == torch.float32 and w.shape == (1000,)
+        assert abs(w.double().mean().item() - 1.0) < 1e-6  # mean 1 over the uniform timesteps
+        assert (w > 0).all()
+    w = min_snr_weights(_ddpm("epsilon"), t, 5.0)
+    assert w[0] < w[-1] / 10  # epsilon: nearly clean timesteps (SNR ≫ γ) weigh far less than noisy ones
+    # flow matching: min((1 − σ)², γσ²) — σ = 0.1 → 0.05, σ = 0.5 → 0.25 at γ = 5
+    flow = _flow()
+    wf = min_snr_weights(flow, torch.tensor([100.0, 500.0]), 5.0)
+    assert abs((wf[0] / wf[1]).item() - 0.2) < 1e-5
+    with pytest.raises(ValueError):
+        min_snr_weights(ddpm, t, 0.0)

@@ -248,7 +248,7 @@ def trained_like_router(seed: int = 0, z_dim: int = 24, arch_dim: int = 60, n: i
     return router
 
 
-@pytest.mark.parametrize("similarity", ["logits", "gates"])
+@pytest.mark.parametrize("similarity", ["logits", "gates", "centred"])
 def test_route_does_not_depend_on_batch_or_position(similarity):
     router = trained_like_router(similarity=similarity).train()  # train mode must not add noise
     batch = unit_rows(64, 24, 10)
@@ -272,6 +272,39 @@ def test_route_is_cosine_argmax_of_eq22():
     idx, sim = router.route(z)
     assert torch.equal(idx, cos.argmax(dim=1))
     assert torch.allclose(sim, cos.max(dim=1).values, atol=1e-6)
+
+
+def test_centred_similarity_ignores_the_shared_offset():
+    """Raw-logit cosines of fresh codes sit at ~1 (the common keep-all +3); centred ones see only
+    the differences between units, so a common shift of every logit changes no centred route."""
+    router = PromptRouter(24, 60, 8, generator=gen(0), similarity="centred")
+    raw = PromptRouter(24, 60, 8, generator=gen(0))
+    e = raw.embed(unit_rows(32, 24, 3)).detach()
+    assert raw.similarity(e).min() > 0.99  # the geometry the offset leaves to the logits
+    assert router.similarity(e).abs().mean() < 0.5
+    idx, sim = router.route(unit_rows(32, 24, 3))
+    with torch.no_grad():
+        router.codes.logits.add_(5.0)
+        router.predictor.linear.bias.add_(-2.0)
+    idx2, sim2 = router.route(unit_rows(32, 24, 3))
+    assert torch.equal(idx, idx2) and torch.allclose(sim, sim2, atol=1e-5)  # float32 logits
+    x = router.features(torch.randn(4, 60, generator=gen(1), dtype=torch.float64))
+    assert torch.allclose(x.mean(dim=-1), torch.zeros(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_router_similarity_comes_from_settings_and_survives_save(tmp_path):
+    from aptp.settings_schema import RouterSettings
+
+    class Enc:  # what the router reads of a PromptEncoder
+        dim, name, id = 24, "toy-encoder", "toy-encoder-0123"
+
+    settings = RouterSettings(similarity="centred", num_experts=4)
+    router = PromptRouter.from_settings(settings, Enc(), 60, generator=gen(0))
+    assert router.similarity_space == "centred" and router.num_codes == 4 and router.encoder_id == "toy-encoder-0123"
+    save_router(router, tmp_path)
+    assert load_router(tmp_path).similarity_space == "centred"
+    with pytest.raises(ValueError):
+        RouterSettings(similarity="dot")
 
 
 def test_assign_train_ot_balances_and_nearest_does_not():
