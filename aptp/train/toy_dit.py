@@ -22,8 +22,9 @@ Sampling needs ``max_sequence_length=24`` (the text encoder has 24 positions) an
     pipe = PixArtAlphaPipeline.from_pretrained("aptp/models/assets/toy-dit")
     pipe("a red circle", max_sequence_length=24, use_resolution_binning=False, guidance_scale=4.5)
 
-Training reuses :mod:`aptp.train.toy` (settings bases, shapes rendering and the latent cache of the
-teacher stage, step generators, LR schedule, AdamW groups, EMA, atomic checkpoints, output lines).
+Training reuses :mod:`aptp.train.toy`'s teacher stage (the latent cache, EMA, sample grid) and
+:mod:`aptp.train.toy_common` (settings bases and recipe loader, step generators, LR schedule, AdamW
+groups, the resumable training loop with atomic checkpoints, output lines, CLI options).
 """
 
 from __future__ import annotations
@@ -40,16 +41,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from aptp.errors import AptpUserError, ModelNotFoundError, SettingsError
-from aptp.io import atomic_path, atomic_write_json, atomic_write_yaml, prepare_output_dir, run_metadata
+from aptp.io import atomic_write_json, atomic_write_yaml, prepare_output_dir, run_metadata
 from aptp.models import toy
 from aptp.train import toy as base
-from aptp.train.toy import UserPath
+from aptp.train import toy_common as common
+from aptp.train.toy_common import UserPath
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class DitTrainSettings(base.TeacherTrainSettings):
     lr_warmup_steps: int = Field(250, ge=0, description="Linear warm-up steps.")
 
 
-class ToyDitSettings(base._Strict):
+class ToyDitSettings(common._Strict):
     """Settings of ``python -m aptp.train.toy_dit train``."""
 
     seed: int = Field(0, description="Seed of initialisation and of every training step's randomness.")
@@ -93,31 +94,8 @@ class ToyDitSettings(base._Strict):
 def load_dit_settings(recipe: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
                       stored: dict[str, Any] | None = None) -> ToyDitSettings:
     """Reads a recipe (or a stored settings dict), applies ``key=value`` overrides, validates once."""
-    tree: dict[str, Any] = copy.deepcopy(stored) if stored is not None else {}
-    source = "settings"
-    if recipe is not None:
-        path = Path(recipe).expanduser()
-        source = f"recipe {path}"
-        if not path.is_file():
-            raise SettingsError(f"recipe {path}: not found (e.g. aptp/recipes/toy-dit-teacher.yaml)")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"recipe {path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(tree, dict):
-            raise SettingsError(f"recipe {path}: top level must be a mapping")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set dit.lr=1e-4")
-        base._set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    try:
-        return ToyDitSettings.model_validate(tree)
-    except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc'])}: "
-                    f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg'].removeprefix('Value error, ')}"
-                    for e in exc.errors(include_url=False)]
-        raise SettingsError(f"{source}: " + "; ".join(problems)) from None
+    return common.load_settings(ToyDitSettings, recipe, overrides, stored,
+                                example="aptp/recipes/toy-dit-teacher.yaml", set_example="dit.lr=1e-4")
 
 
 def _toy_folder(cfg: DitTrainSettings) -> Path:
@@ -167,7 +145,7 @@ def _save_pipeline(pipe, folder: Path, dest: Path) -> None:
         for name in COPIED:
             shutil.rmtree(tmp / name, ignore_errors=True)
             shutil.copytree(folder / name, tmp / name)
-    base._save_dir_atomically(write, dest)
+    common._save_dir_atomically(write, dest)
 
 
 class _Call:
@@ -192,11 +170,11 @@ class _DitStage(base._TeacherStage):
     name = STAGE
     cfg: DitTrainSettings
 
-    def __init__(self, settings: ToyDitSettings, out: Path, output: base._Output) -> None:
+    def __init__(self, settings: ToyDitSettings, out: Path, output: common._Output) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler
         from transformers import AutoTokenizer, CLIPTextModel
 
-        base._Stage.__init__(self, settings, out, output)
+        common._Stage.__init__(self, settings, out, output)
         cfg = self.cfg
         self.folder = _toy_folder(cfg)
         self.vae = AutoencoderKL.from_pretrained(self.folder / "vae", local_files_only=True)
@@ -206,7 +184,7 @@ class _DitStage(base._TeacherStage):
                                                           local_files_only=True).eval().requires_grad_(False)
         self.transformer = build_transformer(cfg, settings.seed).train()
         self.ema_transformer = copy.deepcopy(self.transformer).eval().requires_grad_(False)
-        self.optimizer = base._adamw([self.transformer], cfg)
+        self.optimizer = common._adamw([self.transformer], cfg)
         self.params = list(self.transformer.parameters())
         self.ema_params = list(self.ema_transformer.parameters())
         sched = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
@@ -225,7 +203,7 @@ class _DitStage(base._TeacherStage):
                    f"{n / 1e6:.2f}M parameters ({n * 2 / 2**20:.1f} MiB in float16)")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"transformer": base._state(self.transformer), "ema_transformer": base._state(self.ema_transformer),
+        return {"transformer": common._state(self.transformer), "ema_transformer": common._state(self.ema_transformer),
                 "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -253,7 +231,7 @@ class _DitStage(base._TeacherStage):
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        g = base._generator(self.settings.seed, self.name, step)
+        g = common._generator(self.settings.seed, self.name, step)
         lr = self._set_lr(self.optimizer, step)
         idx = torch.multinomial(self.train_weights, cfg.batch_size, replacement=True, generator=g)
         mean, std = self.train_mean[idx].float(), self.train_std[idx].float()
@@ -270,7 +248,7 @@ class _DitStage(base._TeacherStage):
             loss = per_sample.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = base._clip_grad(self.params, cfg.grad_clip)
+        grad_norm = common._clip_grad(self.params, cfg.grad_clip)
         self.optimizer.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -288,7 +266,7 @@ class _DitStage(base._TeacherStage):
                 t = torch.full((len(sl),), t_value, dtype=torch.long)
                 losses[sl] += self._loss_terms(self.ema_transformer, self.val_latents[sl], self.val_ids[sl],
                                                noise[sl], t)
-        return base._per_tier(losses / len(self.cfg.val_timesteps), self.val_tiers, "val_loss")
+        return common._per_tier(losses / len(self.cfg.val_timesteps), self.val_tiers, "val_loss")
 
     @torch.no_grad()
     def finish(self, metrics: dict[str, float]) -> dict[str, Any]:
@@ -317,13 +295,13 @@ def train_dit(out: str | os.PathLike[str], *, recipe: str | os.PathLike[str] | N
     """
     t_start = time.perf_counter()
     out = Path(out).expanduser()
-    if resume and (out / base.SETTINGS_FILE).is_file():
-        stored = yaml.safe_load((out / base.SETTINGS_FILE).read_text(encoding="utf-8"))
+    if resume and (out / common.SETTINGS_FILE).is_file():
+        stored = yaml.safe_load((out / common.SETTINGS_FILE).read_text(encoding="utf-8"))
         settings = load_dit_settings(None, overrides, stored=stored)
         if recipe is not None:
             fresh = load_dit_settings(recipe, overrides)
             if fresh.model_dump(exclude={"dit": {"steps"}}) != settings.model_dump(exclude={"dit": {"steps"}}):
-                raise SettingsError(f"--resume: recipe {recipe} differs from {out / base.SETTINGS_FILE}; drop "
+                raise SettingsError(f"--resume: recipe {recipe} differs from {out / common.SETTINGS_FILE}; drop "
                                     "--recipe to continue with the stored settings")
     elif recipe is None:
         raise SettingsError("--recipe is required (e.g. --recipe aptp/recipes/toy-dit-teacher.yaml)")
@@ -335,71 +313,15 @@ def train_dit(out: str | os.PathLike[str], *, recipe: str | os.PathLike[str] | N
             raise SettingsError(f"--steps must be >= 0, got {steps}")
         cfg.steps = steps
     prepare_output_dir(out, overwrite=overwrite, resume=resume)
-    atomic_write_yaml(out / base.SETTINGS_FILE, settings.model_dump(mode="json"))
+    atomic_write_yaml(out / common.SETTINGS_FILE, settings.model_dump(mode="json"))
     atomic_write_json(out / "run-meta.json", {**run_metadata(), "stage": STAGE})
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    output = base._Output(out, STAGE, quiet)
+    output = common._Output(out, STAGE, quiet)
     t_setup = time.perf_counter()
     runner = _DitStage(settings, out, output)
-    start, train_wall = 0, 0.0
-    ckpt_path = out / base.CHECKPOINT_FILE
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("stage") != STAGE:
-            raise SettingsError(f"--resume: {ckpt_path} belongs to stage {ckpt.get('stage')!r}, not {STAGE!r}")
-        runner.load_state_dict(ckpt["state"])
-        start, train_wall = int(ckpt["step"]), float(ckpt["train_wall_s"])
-        output.truncate_after(start)
-        output.record("resume", start, {"overrides": list(overrides), "steps": cfg.steps})
-        output.say(f"resumed from step {start} ({train_wall / 60:.1f} min of training so far)")
-    setup_s = time.perf_counter() - t_setup
-    output.record("setup", start, {"setup_s": round(setup_s, 2)})
-
-    def save(step: int) -> None:
-        with atomic_path(ckpt_path) as tmp:
-            torch.save({"stage": STAGE, "step": step, "train_wall_s": train_wall,
-                        "settings": settings.model_dump(mode="json"), "state": runner.state_dict()}, tmp)
-
-    output.say(f"training steps {start} -> {cfg.steps} (setup {setup_s:.1f} s)")
-    window: list[dict[str, float]] = []
-    window_s = 0.0
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        values = runner.train_step(step)
-        dt = time.perf_counter() - t0
-        train_wall += dt
-        window.append(values)
-        window_s += dt
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            mean = {k: float(np.mean([v[k] for v in window])) for k in window[0]}
-            mean["lr"] = values["lr"]
-            step_s = window_s / len(window)
-            output.record("train", done, {**mean, "step_s": round(step_s, 4), "train_wall_s": round(train_wall, 2)})
-            output.say(f"step {done}/{cfg.steps} {base._fmt(mean, ['loss', 'lr'])} {step_s:.3f} s/step "
-                       f"eta {(cfg.steps - done) * step_s / 60:.1f} min")
-            window, window_s = [], 0.0
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save(done)
-        if done % cfg.eval_every == 0 and done != cfg.steps:
-            t_eval = time.perf_counter()
-            metrics = runner.evaluate()
-            output.record("eval", done, {**metrics, "eval_s": round(time.perf_counter() - t_eval, 2)})
-            output.say(f"eval at {done}: {base._fmt(metrics)}")
-    if start >= cfg.steps and not ckpt_path.is_file():
-        save(cfg.steps)
-    t_eval = time.perf_counter()
-    metrics = runner.evaluate()
-    output.record("eval", cfg.steps, {**metrics, "eval_s": round(time.perf_counter() - t_eval, 2)})
-    output.say(f"final eval: {base._fmt(metrics)}")
-    extra = runner.finish(metrics)
-    result = {"stage": STAGE, "steps": cfg.steps, "train_wall_s": round(train_wall, 2),
-              "train_wall_min": round(train_wall / 60, 2),
-              "invocation_wall_s": round(time.perf_counter() - t_start, 2), "metrics": metrics, **extra}
-    atomic_write_json(out / base.RESULT_FILE, result)
-    output.say(f"done: {cfg.steps} steps, {train_wall / 60:.1f} min of training")
-    return result
+    return common.run_stage(runner, stage=STAGE, out=out, settings=settings, cfg=cfg, output=output,
+                            overrides=overrides, resume=resume, t_start=t_start, t_setup=t_setup)
 
 
 # ----------------------------------------------------------------------------- export
@@ -429,20 +351,20 @@ def export_dit(teacher: str | os.PathLike[str], dest: str | os.PathLike[str] | N
         transformer = PixArtTransformer2DModel.from_pretrained(pipeline / "transformer", local_files_only=True)
         folder = pipeline  # a pipeline folder always holds its vae/, text_encoder/, tokenizer/ and scheduler/
         source = str(pipeline)
-    elif (teacher / base.CHECKPOINT_FILE).is_file():
-        ckpt = torch.load(teacher / base.CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    elif (teacher / common.CHECKPOINT_FILE).is_file():
+        ckpt = torch.load(teacher / common.CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         cfg = load_dit_settings(None, stored=ckpt["settings"]).dit
         transformer = build_transformer(cfg, seed=None)
         transformer.load_state_dict(ckpt["state"]["ema_transformer"])
-        folder, step, source = _toy_folder(cfg), int(ckpt["step"]), f"{teacher / base.CHECKPOINT_FILE} (EMA)"
+        folder, step, source = _toy_folder(cfg), int(ckpt["step"]), f"{teacher / common.CHECKPOINT_FILE} (EMA)"
     else:
-        raise ModelNotFoundError(f"{teacher}: no pipeline/ and no {base.CHECKPOINT_FILE}; train it with "
+        raise ModelNotFoundError(f"{teacher}: no pipeline/ and no {common.CHECKPOINT_FILE}; train it with "
                                  "`python -m aptp.train.toy_dit train --recipe aptp/recipes/toy-dit-teacher.yaml`")
     pipe = _assemble(transformer, folder, dtype=torch.float16)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _save_pipeline(pipe, folder, dest)
-    return {"source": source, "step": step, "bytes": base._folder_bytes(dest),
-            "transformer_bytes": base._folder_bytes(dest / "transformer")}
+    return {"source": source, "step": step, "bytes": common._folder_bytes(dest),
+            "transformer_bytes": common._folder_bytes(dest / "transformer")}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -451,16 +373,8 @@ def export_dit(teacher: str | os.PathLike[str], dest: str | os.PathLike[str] | N
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aptp.train.toy_dit", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("train", help="train the PixArt transformer")
-    s.add_argument("--recipe", type=Path, help="recipe YAML (aptp/recipes/toy-dit-teacher.yaml)")
-    s.add_argument("--output", type=Path, required=True, help="run directory")
-    s.add_argument("--steps", type=int, help="override the number of steps")
-    mode = s.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --output")
-    mode.add_argument("--overwrite", action="store_true", help="delete a non-empty --output first")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. dit.lr=1e-4 (repeatable)")
-    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    common.add_train_arguments(sub.add_parser("train", help="train the PixArt transformer"),
+                               "aptp/recipes/toy-dit-teacher.yaml", "dit.lr=1e-4")
     e = sub.add_parser("export", help="write the EMA transformer (float16) as a PixArtAlphaPipeline folder")
     e.add_argument("--teacher", type=Path, required=True, help="train run directory")
     e.add_argument("--output", type=Path, help="pipeline folder (default: aptp/models/assets/toy-dit)")

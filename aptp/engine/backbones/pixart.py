@@ -19,7 +19,6 @@ training and distillation compare (the pipelines drop the other half when sampli
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from aptp.engine import slicers as S
 from aptp.engine.backbones.base import Backbone, UnitCost, UnsupportedModelError, depth_unit, get
