@@ -29,7 +29,6 @@ import argparse
 import copy
 import hashlib
 import logging
-import math
 import os
 import sys
 import time
@@ -38,18 +37,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from pydantic import Field, field_validator
 
 from aptp.data.shapes import TIERS
 from aptp.errors import AptpUserError, SettingsError
-from aptp.io import atomic_path, atomic_write_json, atomic_write_yaml, prepare_output_dir, run_metadata
+from aptp.io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_yaml,
+    prepare_output_dir,
+    run_metadata,
+)
 from aptp.models import toy
+from aptp.train.toy_clip import ClipTrainSettings, _ClipStage
 from aptp.train.toy_common import (  # noqa: F401  (CHECKPOINT_FILE .. UserPath: names of this module's API)
-    CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, SETTINGS_FILE, UserPath, _adamw, _clip_grad, _folder_bytes,
-    _generator, _n_train, _n_val, _Output, _per_tier, _render, _save_dir_atomically, _Schedule, _Stage, _state,
-    _Strict, _tier_ids, _to_float, add_train_arguments, load_settings, run_stage)
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    RESULT_FILE,
+    SETTINGS_FILE,
+    UserPath,
+    _adamw,
+    _clip_grad,
+    _folder_bytes,
+    _generator,
+    _n_train,
+    _n_val,
+    _Output,
+    _per_tier,
+    _render,
+    _save_dir_atomically,
+    _Schedule,
+    _Stage,
+    _state,
+    _Strict,
+    _tier_ids,
+    _to_float,
+    add_train_arguments,
+    load_settings,
+    run_stage,
+)
+from aptp.train.toy_vae import VaeTrainSettings, _VaeStage
 
 logger = logging.getLogger(__name__)
 
@@ -68,23 +96,6 @@ __all__ = [
 STAGES: tuple[str, ...] = ("vae", "teacher", "clip")
 
 # ----------------------------------------------------------------------------- settings
-
-
-class VaeTrainSettings(_Schedule):
-    """Stage ``vae``: the AutoencoderKL, trained on shapes images alone."""
-
-    steps: int = Field(2400, ge=0, description="Optimiser steps in all.")
-    batch_size: int = Field(16, ge=1, description="Images per step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    l1_weight: float = Field(1.0, ge=0, description="Weight of the L1 reconstruction loss.")
-    mse_weight: float = Field(1.0, ge=0, description="Weight of the squared reconstruction loss.")
-    edge_weight: float = Field(
-        0.5, ge=0,
-        description="Weight of an L1 loss on horizontal/vertical pixel differences (sharp edges, legible text).")
-    kl_weight: float = Field(1e-5, ge=0, description="Weight of the KL term, per latent element.")
-    val_samples: int = Field(256, ge=1, description="Validation images for PSNR.")
-    scaling_samples: int = Field(
-        2000, ge=1, description="Training images whose latents set the VAE's scaling_factor (1 / std).")
 
 
 class TeacherTrainSettings(_Schedule):
@@ -126,19 +137,6 @@ class TeacherTrainSettings(_Schedule):
         return value
 
 
-class ClipTrainSettings(_Schedule):
-    """Stage ``clip``: the domain CLIP, trained contrastively on image-caption pairs."""
-
-    steps: int = Field(1500, ge=0, description="Optimiser steps in all.")
-    batch_size: int = Field(128, ge=2, description="Image-caption pairs per step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    lr_warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
-    shift: int = Field(2, ge=0, le=8, description="Random translation of training images by up to this many pixels.")
-    val_samples: int = Field(500, ge=2, description="Validation pairs for top-1 caption retrieval.")
-
-
 class ToyTrainSettings(_Strict):
     """Settings of ``python -m aptp.train.toy``; a recipe fills the section of its stage."""
 
@@ -167,83 +165,6 @@ def load_toy_settings(recipe: str | os.PathLike[str] | None = None, overrides: S
 
 
 # ----------------------------------------------------------------------------- stages
-
-
-class _VaeStage(_Stage):
-    name = "vae"
-    cfg: VaeTrainSettings
-
-    def __init__(self, settings: ToyTrainSettings, out: Path, output: _Output) -> None:
-        super().__init__(settings, out, output)
-        t0 = time.perf_counter()
-        self.images, _, _ = _render(self.world, "train", _n_train(self.cfg, self.world))
-        self.val_images, _, val_tiers = _render(self.world, "validation", _n_val(self.cfg.val_samples, self.world))
-        self.val_tiers = _tier_ids(val_tiers)
-        output.say(f"rendered {len(self.images)} train + {len(self.val_images)} validation images "
-                   f"in {time.perf_counter() - t0:.1f} s")
-        torch.manual_seed(settings.seed)
-        self.vae = toy.build_vae().train()
-        self.optimizer = _adamw([self.vae], self.cfg)
-        self.params = [p for p in self.vae.parameters() if p.requires_grad]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"vae": _state(self.vae), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.vae.load_state_dict(state["vae"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        g = _generator(self.settings.seed, self.name, step)
-        lr = self._set_lr(self.optimizer, step)
-        idx = torch.randint(len(self.images), (cfg.batch_size,), generator=g)
-        x = _to_float(self.images[idx])  # (B, 3, 64, 64)
-        posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample(generator=g)  # (B, 4, 16, 16)
-        rec = self.vae.decode(z).sample  # (B, 3, 64, 64)
-        diff = rec - x
-        l1, mse = diff.abs().mean(), diff.pow(2).mean()
-        edge = ((diff[..., :, 1:] - diff[..., :, :-1]).abs().mean()
-                + (diff[..., 1:, :] - diff[..., :-1, :]).abs().mean())
-        kl = posterior.kl().mean() / z[0].numel()
-        loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.kl_weight * kl
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = _clip_grad(self.params, cfg.grad_clip)
-        self.optimizer.step()
-        return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "edge": edge.item(), "kl": kl.item(),
-                "grad_norm": grad_norm, "lr": lr}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        self.vae.eval()
-        psnr = []
-        for chunk in torch.split(self.val_images, 128):
-            x = _to_float(chunk)
-            rec = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            mse = ((rec - x) / 2).pow(2).mean(dim=(1, 2, 3))  # per image, on the [0, 1] scale
-            psnr.append(10 * torch.log10(1 / mse.clamp_min(1e-10)))
-        self.vae.train()
-        return _per_tier(torch.cat(psnr), self.val_tiers, "val_psnr")
-
-    @torch.no_grad()
-    def finish(self, metrics: dict[str, float]) -> dict[str, Any]:
-        # SD scales latents to unit variance with a factor measured on data (0.18215 for its
-        # VAE); do the same so the U-Net sees noise-level-matched inputs.
-        self.vae.eval()
-        n = min(self.cfg.scaling_samples, len(self.images))
-        g = torch.Generator().manual_seed(self.settings.seed)
-        latents = torch.cat([self.vae.encode(_to_float(chunk)).latent_dist.sample(generator=g)
-                             for chunk in torch.split(self.images[:n], 250)])  # (n, 4, 16, 16)
-        std = float(latents.std())
-        scaling = 1.0 / std
-        self.vae.register_to_config(scaling_factor=scaling)
-        _save_dir_atomically(lambda d: self.vae.save_pretrained(d, safe_serialization=True), self.out / "vae")
-        self.output.say(f"latent std {std:.4f} over {n} images -> scaling_factor {scaling:.5f}; "
-                        f"wrote {self.out / 'vae'}")
-        return {"scaling_factor": scaling, "latent_std": std, "latent_mean": float(latents.mean()),
-                "product": "vae"}
 
 
 class _TeacherStage(_Stage):
@@ -434,90 +355,6 @@ class _TeacherStage(_Stage):
                                                       "steps": self.cfg.sample_steps,
                                                       "guidance": self.cfg.sample_guidance})
         return "samples.png"
-
-
-class _ClipStage(_Stage):
-    name = "clip"
-    cfg: ClipTrainSettings
-
-    def __init__(self, settings: ToyTrainSettings, out: Path, output: _Output) -> None:
-        super().__init__(settings, out, output)
-        t0 = time.perf_counter()
-        self.images, captions, _ = _render(self.world, "train", _n_train(self.cfg, self.world))
-        self.val_images, self.val_captions, val_tiers = _render(
-            self.world, "validation", _n_val(self.cfg.val_samples, self.world))
-        self.val_tiers = _tier_ids(val_tiers)
-        output.say(f"rendered {len(self.images)} train + {len(self.val_images)} validation pairs "
-                   f"in {time.perf_counter() - t0:.1f} s")
-        self.tokenizer = toy.build_tokenizer(toy.CLIP_CONTEXT_LENGTH)
-        self.tokens = self._tokenize(captions)  # (N, L)
-        # Identical captions (common in the easy tier) are positives of each other, not negatives.
-        index: dict[str, int] = {}
-        self.caption_ids = torch.tensor([index.setdefault(c, len(index)) for c in captions])
-        torch.manual_seed(settings.seed)
-        self.model = toy.build_domain_clip(seed=settings.seed).train()
-        self.optimizer = _adamw([self.model], self.cfg)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-
-    def _tokenize(self, captions: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(captions), padding="max_length", max_length=toy.CLIP_CONTEXT_LENGTH,
-                              truncation=True, return_tensors="pt").input_ids
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": _state(self.model), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def _shift(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        s = self.cfg.shift
-        if s == 0:
-            return x
-        padded = F.pad(x, (s, s, s, s), mode="replicate")  # (B, 3, 64 + 2s, 64 + 2s)
-        offsets = torch.randint(0, 2 * s + 1, (len(x), 2), generator=g).tolist()
-        size = x.shape[-1]
-        return torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets)])
-
-    def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        g = _generator(self.settings.seed, self.name, step)
-        lr = self._set_lr(self.optimizer, step)
-        idx = torch.randint(len(self.images), (cfg.batch_size,), generator=g)
-        x = self._shift(_to_float(self.images[idx]), g)  # (B, 3, 64, 64)
-        image_f = self.model.encode_image(x, normalize=True)  # (B, D)
-        text_f = self.model.encode_text(self.tokens[idx], normalize=True)  # (B, D)
-        logits = self.model.logit_scale.exp() * image_f @ text_f.T  # (B, B)
-        cap = self.caption_ids[idx]
-        same = (cap[:, None] == cap[None, :]).float()
-        targets = same / same.sum(dim=1, keepdim=True)  # symmetric, so it serves both directions
-        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = _clip_grad(self.params, cfg.grad_clip)
-        self.optimizer.step()
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(100))  # as in CLIP
-        return {"loss": loss.item(), "logit_scale": self.model.logit_scale.exp().item(),
-                "grad_norm": grad_norm, "lr": lr}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Top-1 caption retrieval: for each validation image, is its caption the best of all distinct captions?"""
-        self.model.eval()
-        unique = sorted(set(self.val_captions))
-        target = torch.tensor([unique.index(c) for c in self.val_captions])
-        image_f = torch.cat([self.model.encode_image(_to_float(c), normalize=True)
-                             for c in torch.split(self.val_images, 250)])
-        text_f = self.model.encode_text(self._tokenize(unique), normalize=True)
-        hits = ((image_f @ text_f.T).argmax(dim=1) == target).float()
-        self.model.train()
-        return {**_per_tier(hits, self.val_tiers, "val_top1"), "val_captions": float(len(unique))}
-
-    def finish(self, metrics: dict[str, float]) -> dict[str, Any]:
-        _save_dir_atomically(lambda d: toy.save_domain_clip(self.model, d), self.out / "domain-clip")
-        self.output.say(f"wrote {self.out / 'domain-clip'}")
-        return {"product": "domain-clip"}
 
 
 _STAGE_CLASSES: dict[str, type[_Stage]] = {"vae": _VaeStage, "teacher": _TeacherStage, "clip": _ClipStage}
