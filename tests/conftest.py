@@ -94,3 +94,13 @@ def make_tiny_pipeline_dir(path, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     return make_tiny_pipeline_dir(tmp_path_factory.mktemp("tiny-pipeline") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: thousands of small ops run faster on one
+    thread than on two fighting over a busy 2-core box (use with ``pytestmark = usefixtures``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

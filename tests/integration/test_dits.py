@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from aptp.cli.main import app
 from aptp.engine.backbones import supported_classes
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 FAMILIES = ["pixart", "sd3", "flux"]
 CLASSES = {"pixart": "PixArtTransformer2DModel", "sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
@@ -25,12 +25,6 @@ def cli(*args: str):
     return CliRunner().invoke(app, list(args), env={"HF_HUB_OFFLINE": "1"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -36,7 +36,7 @@ from aptp.router.router import PromptRouter
 from aptp.settings import resolve_settings, shipped_recipes
 from aptp.train.batches import generator as _gen
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 SD_RECIPES = ("coco-base", "coco-small", "cc3m-base", "cc3m-small")
 PAPER_PROCESSES = 16  # the recipes' batch_size 64 is per GPU: 16 x 64 = 1,024 (App. E)
@@ -44,13 +44,6 @@ Z_DIM = 32
 SIM_BATCH = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of small ops: one thread is faster than two fighting over a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,13 @@ from aptp.cli.main import app
 from tests.conftest import TINY_UNET
 from tests.unit.test_unets import TINY_SDXL
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 
 def cli(*args: str):
     return CliRunner().invoke(app, list(args), env={"HF_HUB_OFFLINE": "1"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is much faster on a busy 2-core box
-    yield
-    torch.set_num_threads(n)
 
 
 def word_tokenizer(max_length: int):

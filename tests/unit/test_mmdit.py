@@ -22,12 +22,7 @@ from aptp.engine.space import build_space
 LAT, TEXT, GROUPS = 8, 7, 4  # latent 8×8 (SD3: 16 patches of 2×2; Flux: 16 packed tokens), 7 text tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomize(model, std=0.1, seed=0):

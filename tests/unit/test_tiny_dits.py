@@ -12,12 +12,7 @@ import torch
 from tests.tiny_dits import make_tiny_flux_dir, make_tiny_pixart_dir, make_tiny_sd3_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _load(info):

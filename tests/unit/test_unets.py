@@ -37,13 +37,7 @@ TINY_SDXL = dict(
 SHAPES = {"sd1.5": TINY_SD15, "sdxl": TINY_SDXL}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards take ~20 ms on one thread but seconds with two threads on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def inputs(name: str, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
