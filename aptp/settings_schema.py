@@ -127,18 +127,20 @@ class PruneSettings(_Section):
     budget: float = Field(
         0.78, gt=0, le=1, description="Target MACs as a fraction of the base model (0 < b <= 1)."
     )
-    method: Literal["aptp", "uni-arch", "uni-arch-paper", "weight-norm", "taylor"] = Field(
+    method: Literal["aptp", "uni-arch", "uni-arch-paper", "weight-norm", "taylor", "bk-sdm"] = Field(
         "aptp",
         description="'aptp': prompt-routed experts; 'uni-arch': one learned architecture for all prompts, "
         "warm-started from the router's predicted architectures (stronger than the paper's baseline); "
         "'uni-arch-paper': the paper's Uni-Arch baseline (§4.3), one architecture's two logit vectors trained "
         "directly from keep-all for warmup_steps + steps, no predictor; 'weight-norm': one static architecture "
         "by L1 weight norms (Li et al. 2017), no training; 'taylor': one static architecture by first-order Taylor "
-        "importance over diffusion timesteps (Diff-Pruning, Fang et al. 2023), no training.",
+        "importance over diffusion timesteps (Diff-Pruning, Fang et al. 2023), no training; 'bk-sdm': BK-SDM-style "
+        "block removal (Kim et al. 2024): whole block pairs removed, least output-sensitive first, as far as the "
+        "budget allows, then widths by weight norm to meet it, no training.",
     )
     importance_batches: int = Field(
-        8, ge=1, description="--method taylor: batches of prune.batch_size whose loss gradients the importance "
-        "sums (timesteps stratified over the schedule in each).")
+        8, ge=1, description="--method taylor / bk-sdm: batches of prune.batch_size whose loss gradients the "
+        "importance sums / whose output change ranks the blocks (timesteps stratified over the schedule in each).")
     optimal_transport: bool = Field(
         True, description="Balance prompts over codes with Sinkhorn OT. Off (the paper's ablation): each sample "
         "goes to its nearest code while training and the assignment-consistency loss is off too (it would "

@@ -40,7 +40,7 @@ def prune(
     data_root: Annotated[Optional[Path], typer.Option(help="Root folder of coco / cc3m.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Target MACs as a fraction of the teacher's (0 < b <= 1).")] = None,
     experts: Annotated[Optional[int], typer.Option(help="Number of experts (architecture codes).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="aptp (prompt-routed experts), uni-arch (one architecture, warm-started from the router), uni-arch-paper (the paper's Uni-Arch: one architecture's logits trained directly), weight-norm (static L1) or taylor (static first-order Taylor, Diff-Pruning).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="aptp (prompt-routed experts), uni-arch (one architecture, warm-started from the router), uni-arch-paper (the paper's Uni-Arch: one architecture's logits trained directly), weight-norm (static L1), taylor (static first-order Taylor, Diff-Pruning) or bk-sdm (static BK-SDM-style block removal, then widths by L1).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default runs/<method>-<data>-<budget>x<experts>).")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Training image size (default: the model's; MACs are counted at space.macs_resolution).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Steps with codes after warm-up.")] = None,

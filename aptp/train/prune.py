@@ -27,8 +27,9 @@ Method ``uni-arch-paper`` (the paper's §4.3 Uni-Arch baseline): one architectur
 vectors (width η_v, depth η_u) train directly from keep-all for ``warmup_steps + steps``, no
 predictor, no warm-up, no contrastive loss.
 
-Methods ``weight-norm`` and ``taylor``: one static architecture from unit importances (L1 weight
-norms; first-order Taylor importance over timesteps, :mod:`aptp.train.taylor`), no training.
+Methods ``weight-norm``, ``taylor`` and ``bk-sdm``: one static architecture from unit importances (L1 weight
+norms; first-order Taylor importance over timesteps, :mod:`aptp.train.taylor`; BK-SDM-style block
+removal before weight-norm widths, :mod:`aptp.train.bk_sdm`), no training.
 
 Method ``uni-arch`` (a stronger, warm-started Uni-Arch): one learned architecture for every prompt. It gets aptp's
 warm-up (the predictor's own vectors gate the model, contrastive loss included), then a single
@@ -69,6 +70,7 @@ from aptp.train.diffusion import add_noise, diffusion_target, min_snr_weights, s
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.teacher import Teacher, load_teacher
 
+STATIC_METHODS = ("weight-norm", "taylor", "bk-sdm")  # one architecture from importances, no training
 logger = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, Any]], None]
@@ -98,8 +100,8 @@ class Pruner:
         self.comm = comm or default_collective()
         self.device = torch.device(device)
         self.log = log or (lambda rec: None)
-        self.uni = self.p.method in ("uni-arch", "uni-arch-paper", "weight-norm", "taylor")  # one for all prompts
-        self.static = self.p.method in ("weight-norm", "taylor")  # no training: a vector from importances
+        self.uni = self.p.method in ("uni-arch", "uni-arch-paper") + STATIC_METHODS  # one for all prompts
+        self.static = self.p.method in STATIC_METHODS  # no training: a vector from importances
         self.direct = self.p.method == "uni-arch-paper"  # the code trains from the start, no warm-up
         global_batch = self.p.batch_size * self.comm.world_size
         if self.p.method == "aptp" and settings.router.num_experts > global_batch:
@@ -144,6 +146,7 @@ class Pruner:
         warm = max(1, self.p.lr_warmup_steps)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.step = 0
+        self.static_report: dict[str, Any] | None = None  # what a static method decided (routing.json)
         self.codes_ready = self.static or self.direct  # aptp and uni-arch start with the warm-up
         self.skipped = 0
         self.budget = self.p.budget
@@ -159,10 +162,33 @@ class Pruner:
                                        batch_size=self.p.batch_size, seed=self.p.seed, gates=self.gates)
             else:
                 scores = unit_l1_norms(t.denoiser, self.space)
-            v = importance_vector(self.space, self.macs, scores, self.budget)
+            if self.p.method == "bk-sdm":
+                v = self._bk_sdm_vector(scores)
+            else:
+                v = importance_vector(self.space, self.macs, scores, self.budget)
             bias = self.router.init_bias
             with torch.no_grad():  # the single code's hard vector is exactly v
                 self.router.codes.logits.copy_(torch.where(v > 0, bias, -bias).unsqueeze(0))
+
+    def _bk_sdm_vector(self, norms: torch.Tensor) -> torch.Tensor:
+        """Block pairs removed least sensitive first while the budget allows, then weight-norm widths."""
+        from aptp.engine.baselines import block_removal_vector
+        from aptp.train.bk_sdm import block_pairs, removal_sensitivity
+
+        names, groups = block_pairs(self.space)
+        if not groups:
+            raise SettingsError("--method bk-sdm: this model's space has no removable blocks "
+                                "(space.depth_policy is 'none'?)")
+        sens = removal_sensitivity(self.teacher, self.space, self.dataset, groups, batches=self.p.importance_batches,
+                                   batch_size=self.p.batch_size, seed=self.p.seed, gates=self.gates)
+        order = sorted(range(len(groups)), key=lambda k: float(sens[k]))
+        v, removed = block_removal_vector(self.space, self.macs, norms, [groups[k] for k in order], self.budget)
+        dropped = {names[order[k]] for k in removed}
+        self.static_report = {"blocks": [{"block": names[k], "sensitivity": float(sens[k]),
+                                          "removed": names[k] in dropped} for k in range(len(groups))]}
+        logger.info("bk-sdm: removed %s (of %d block pairs), then widths by weight norm",
+                    sorted(dropped) or "no block", len(groups))
+        return v
 
     # ------------------------------------------------------------------ data
     def _batches(self):
@@ -414,6 +440,8 @@ class Pruner:
         save_router(self.router, self.run_dir)
         routing = routing_report(self.router, self.macs, self._validation_captions(), self.budget)
         routing["macs_resolution"] = self.macs_resolution
+        if self.static_report is not None:
+            routing["static"] = self.static_report
         routing["skipped_images"] = self.skipped
         atomic_write_json(self.run_dir / "routing.json", routing)
         return routing

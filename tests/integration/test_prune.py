@@ -70,7 +70,8 @@ def test_prune_writes_the_run_directory(tiny_pipeline_dir, emb_cache, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--no-optimal-transport"], ["--no-distill"], ["--method", "uni-arch"],
-                                   ["--method", "uni-arch-paper"], ["--method", "weight-norm"], ["--method", "taylor"]])
+                                   ["--method", "uni-arch-paper"], ["--method", "weight-norm"], ["--method", "taylor"],
+                                   ["--method", "bk-sdm"]])
 def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
     run = tmp_path / "run"
     res = cli(*common(tiny_pipeline_dir, emb_cache, steps=2), *flags, "--output", str(run))
@@ -85,9 +86,13 @@ def test_ablation_options_run(tiny_pipeline_dir, emb_cache, tmp_path, flags):
         assert routing["num_codes"] == 1
         assert [r["phase"] for r in rows] == ["uni-arch"] * 4
         assert all(r["loss_contrastive"] == 0 and r["loss_assign"] == 0 for r in rows)
-    if "weight-norm" in flags or "taylor" in flags:  # static: no training, one architecture just under the budget
+    if {"weight-norm", "taylor", "bk-sdm"} & set(flags):  # static: no training, one architecture under the budget
         assert rows == [] and routing["num_codes"] == 1
         assert 0.7 <= routing["mean_macs_ratio"] <= 0.78
+    if "bk-sdm" in flags:  # block pairs ranked by output sensitivity; some removed, the rest by widths
+        blocks = routing["static"]["blocks"]
+        assert len(blocks) >= 4 and any(b["removed"] for b in blocks) and not all(b["removed"] for b in blocks)
+        assert all(b["sensitivity"] > 0 for b in blocks)
     if flags == ["--method", "uni-arch"]:
         # the same warm-up as aptp, then the single code (started at the medoid of the predicted architectures)
         assert routing["num_codes"] == 1

@@ -236,6 +236,42 @@ def test_sd21_analytic_equals_counted_for_random_vectors():
         assert abs(float(m(v)[0]) - counted) <= 0.005 * counted
 
 
+def test_block_removal_vector_removes_pairs_in_order_then_widths(tiny_unet, space, macs):
+    """BK-SDM-style: the pairs go in the given order while the budget allows (one that would
+    overshoot is passed over), the removed blocks stay removed, widths meet the budget."""
+    from aptp.engine.baselines import block_removal_vector, unit_l1_norms
+    from aptp.train.bk_sdm import block_pairs
+
+    names, groups = block_pairs(space)
+    assert names == [n for n in dict.fromkeys(s.block for s in space.segments if s.kind == "depth")]
+    assert all(n.startswith(("down_blocks", "up_blocks")) for n in names)  # the mid block is no unit
+    assert sorted(i for g in groups for i in g) == space.depth_mask().nonzero().flatten().tolist()
+    norms = unit_l1_norms(tiny_unet, space)
+    # every pair together costs more than a budget of 0.9 allows: only a prefix can go
+    all_off = torch.ones(space.size)
+    all_off[space.depth_mask()] = 0
+    assert float(macs.ratio(all_off)[0]) < 0.9
+    v, removed = block_removal_vector(space, macs, norms, groups, 0.9)
+    ratio = float(macs.ratio(v)[0])
+    assert 0.85 <= ratio <= 0.9 and removed, (ratio, removed)
+    for k, g in enumerate(groups):
+        assert v[g].eq(0).all() if k in removed else v[g].eq(1).all()
+    # the first pair that was passed over would have overshot on its own
+    skipped = next((k for k in range(len(groups)) if k not in removed and k < max(removed)), None)
+    if skipped is not None:
+        trial = torch.ones(space.size)
+        for k in removed:
+            if k < skipped:
+                trial[groups[k]] = 0
+        trial[groups[skipped]] = 0
+        assert float(macs.ratio(trial)[0]) < 0.9
+    # a budget of 1 removes nothing and keeps everything
+    v1, removed1 = block_removal_vector(space, macs, norms, groups, 1.0)
+    assert removed1 == [] and v1.eq(1).all()
+    with pytest.raises(ValueError):
+        block_removal_vector(space, macs, norms, [[0]], 0.8)  # index 0 is a width unit
+
+
 def test_weight_norm_baseline_meets_budget_and_keeps_strong_units(tiny_unet, space, macs):
     from aptp.engine.baselines import unit_l1_norms, weight_norm_vector
 
