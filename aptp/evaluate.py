@@ -203,30 +203,27 @@ def _read_images(t: Target, captions: list[str], resolution: int) -> tuple[list[
     return [resize_for_eval(Image.open(Path(t.path) / r["file"]), resolution) for r in chosen], info
 
 
-def _per_image(images: list[Image.Image], captions: list[str], metrics: list[str], clip, fid, pick,
-               dataset_id: str, load_real: Callable[[], list[Image.Image]]) -> dict[str, Any]:
+def _per_image(kept: dict[str, torch.Tensor], metrics: list[str], clip, fid, dataset_id: str,
+               load_real: Callable[[], list[Image.Image]]) -> dict[str, Any]:
     """What the bootstrap resamples, per metric: ``{"clip": (N,) scores, "pickscore": (N,) scores,
-    "fid": (real stats, (N, d) features), "cmmd": ((M, d) real, (N, d) generated embeddings)}``.
-
-    The real statistics come from the cache :func:`~aptp.metrics.compute_metrics` has just filled
-    (same key), so the real images are not read again.
+    "fid": (real stats, (N, d) features), "cmmd": ((M, d) real, (N, d) generated embeddings)}``,
+    from what :func:`~aptp.metrics.compute_metrics` computed per image (``kept``: no image is
+    embedded twice). The real statistics come from the cache it has just filled (same key), so
+    the real images are not read again.
     """
     from aptp.metrics import real_statistics
-    from aptp.metrics.clip_score import clip_scores_from_features
 
     out: dict[str, Any] = {}
     fidnet = fid if fid is not None else clip
-    clip_fake = clip.image_features(images) if {"clip", "cmmd"} & set(metrics) or ("fid" in metrics and fidnet is clip) else None
-    if "clip" in metrics:
-        out["clip"] = clip_scores_from_features(clip_fake, clip.text_features(captions))
-    if "pickscore" in metrics:
-        out["pickscore"] = pick.scores(images, captions).detach().to(torch.float64).cpu()
+    for m in ("clip", "pickscore"):
+        if m in metrics:
+            out[m] = kept[m].detach().to(torch.float64).cpu()
     if "cmmd" in metrics:
         real = real_statistics(dataset_id, clip, load_real, keep_features=True)
-        out["cmmd"] = (real.features, clip_fake)
+        out["cmmd"] = (real.features, kept["clip_image"])
     if "fid" in metrics:
         real = real_statistics(dataset_id, fidnet, load_real)
-        out["fid"] = (real, clip_fake if fidnet is clip else fidnet.image_features(images))
+        out["fid"] = (real, kept["fid_image"])
     return out
 
 
@@ -295,14 +292,14 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
         else:
             images, info = _generate_target(t, settings, captions, folder)
         # the real images are read only if their statistics are not cached yet (once at most)
+        kept: dict[str, torch.Tensor] = {}
         scores = compute_metrics(images, captions, load_real, e.metrics, clip, fid_features=fid,
                                  real_stats_key=key, resolution=e.resolution, pickscore=pick,
-                                 cmmd_estimator=e.cmmd_estimator)
+                                 cmmd_estimator=e.cmmd_estimator, keep=kept)
         row = {"target": t.name, "kind": t.kind, **info,
                **scores, "cmmd_estimator": e.cmmd_estimator}
-        # images are already at e.resolution, as compute_metrics scored them
         wanted = list(e.metrics) if indices is not None else [m for m in e.metrics if m in ("clip", "pickscore")]
-        data = _per_image(images, captions, wanted, clip, fid, pick, f"{key}@{e.resolution}px", load_real)
+        data = _per_image(kept, wanted, clip, fid, f"{key}@{e.resolution}px", load_real)
         if tiers is not None and "clip" in data:
             for tier in dict.fromkeys(tiers):
                 mask = torch.tensor([x == tier for x in tiers])

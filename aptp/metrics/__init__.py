@@ -112,6 +112,7 @@ def compute_metrics(
     cache: StatsCache | str | Path | None = None,
     batch_size: int = 64,
     cmmd_estimator: Literal["biased", "unbiased"] = DEFAULT_ESTIMATOR,
+    keep: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float | int | str]:
     """Score generated images against their captions and a real reference set.
 
@@ -132,6 +133,10 @@ def compute_metrics(
         cache: A :class:`StatsCache` or its folder; None for :func:`default_cache_dir`.
         batch_size: Images per forward pass.
         cmmd_estimator: ``"biased"`` (reference CMMD) or ``"unbiased"``; see :mod:`aptp.metrics.cmmd`.
+        keep: A dict that receives what was computed per image, for callers that need it too
+            (bootstrap intervals): ``"clip_image"`` (N, d) CLIP embeddings, ``"clip"`` (N,) CLIP
+            scores, ``"fid_image"`` (N, d) FID features, ``"pickscore"`` (N,) PickScores — the
+            entries of the metrics asked.
 
     Returns:
         ``{"n_images": N, "resolution": ..., "fid": ..., "fid_features": <feature id>,
@@ -170,6 +175,7 @@ def compute_metrics(
     fidnet = fid_features if fid_features is not None else features
     out: dict[str, float | int | str] = {"n_images": len(fake), "resolution": resolution or "native"}
 
+    kept: dict[str, torch.Tensor] = {}
     clip_fake: torch.Tensor | None = None
     if {"clip", "cmmd"} & set(wanted) or ("fid" in wanted and fidnet is features):
         clip_fake = features.image_features(fake, batch_size)  # (N, d)
@@ -186,10 +192,17 @@ def compute_metrics(
         fake_feats = clip_fake if fidnet is features else fidnet.image_features(fake, batch_size)
         out["fid"] = frechet_distance(real_stats, fake_feats)
         out["fid_features"] = fidnet.feature_id
+        kept["fid_image"] = fake_feats
     if "clip" in wanted:
-        out["clip"] = float(clip_scores_from_features(clip_fake, features.text_features(captions)).mean())
+        kept["clip"] = clip_scores_from_features(clip_fake, features.text_features(captions))
+        out["clip"] = float(kept["clip"].mean())
     if "cmmd" in wanted:
         out["cmmd"] = cmmd(clip_real.features, clip_fake, estimator=cmmd_estimator)
     if "pickscore" in wanted:
-        out["pickscore"] = pickscore(fake, captions, batch_size=min(batch_size, 32))
+        kept["pickscore"] = pickscore.scores(fake, captions, batch_size=min(batch_size, 32))
+        out["pickscore"] = float(kept["pickscore"].mean())
+    if clip_fake is not None:
+        kept["clip_image"] = clip_fake
+    if keep is not None:
+        keep.update(kept)
     return out

@@ -341,6 +341,11 @@ def test_compute_metrics_end_to_end(domain_clip, tmp_path):
     ff = domain_clip.image_features([resize_for_eval(i, 128) for i in fake])
     assert out["fid"] == pytest.approx(frechet_distance(rf, ff), rel=1e-9)
     assert out["cmmd"] == pytest.approx(cmmd(rf, ff), rel=1e-9)  # the default (unbiased) estimator
+    kept = {}  # what was computed per image comes back for the bootstrap (nothing embedded twice)
+    assert compute_metrics(fake, captions, None, ["fid", "clip", "cmmd"], keep=kept, **kw) == out
+    assert set(kept) == {"clip_image", "clip", "fid_image"}
+    assert torch.allclose(kept["clip_image"], ff) and kept["fid_image"] is kept["clip_image"]
+    assert kept["clip"].shape == (6,) and float(kept["clip"].mean()) == pytest.approx(out["clip"], rel=1e-12)
     # A separate FID network gets its own cache entry.
     out2 = compute_metrics(fake, captions, real, ["fid"], domain_clip, fid_features=PooledPixels(),
                            real_stats_key="toy-real", cache=tmp_path)
