@@ -113,13 +113,14 @@ def read_prompts(prompts: list[str], file: str | None) -> list[str]:
     return out
 
 
-def route_prompts(run: RunDir, prompts: list[str], router=None) -> list[dict[str, Any]]:
+def route_prompts(run: RunDir, prompts: list[str], router=None,
+                  ratios: dict[int, float] | None = None) -> list[dict[str, Any]]:
     """Route prompts (inference: cosine, hard codes, no noise); one record per prompt, input order.
-    ``router``: the run's router if already loaded (it is loaded otherwise)."""
+    ``router``: the run's router if already loaded (it is loaded otherwise); ``ratios``: each
+    expert's MACs ratio if already known (read from experts.json otherwise)."""
     router = router or run.router()
-    ratios = {}
-    if run.experts_json.is_file():
-        ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()}
+    if ratios is None:
+        ratios = {e["expert"]: e["macs_ratio"] for e in run.experts()} if run.experts_json.is_file() else {}
     if router.num_codes == 1:
         index, sim = torch.zeros(len(prompts), dtype=torch.long), torch.ones(len(prompts), dtype=torch.float64)
     else:

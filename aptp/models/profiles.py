@@ -73,17 +73,46 @@ def macs_resolution(settings, vae_scale_factor: int) -> int:
     return int(res)
 
 
-def _family(name: str) -> str:
-    """``toy`` for the embedded models, ``sdxl`` for SDXL-style U-Nets, ``dit`` for diffusion
-    transformers (PixArt, SD3, Flux), else ``sd``."""
+TOY_MODELS = ("toy", "toy-dit")
+
+
+def _config(name: str) -> dict | None:
     from aptp.errors import AptpUserError
     from aptp.models.registry import resolve_model, unet_config
 
-    if name in ("toy", "toy-dit"):
-        return "toy"
     try:  # aliases ship their denoiser config, so this works offline for them too
-        cfg = unet_config(resolve_model(name))
+        return unet_config(resolve_model(name))
     except (AptpUserError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _bare(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def toy_model(name: str) -> str | None:
+    """``toy`` / ``toy-dit`` for an embedded model — the alias, or a folder (a copy, a fine-tuned
+    version) whose denoiser has the embedded model's exact architecture — else None. A copy gets
+    the toy's CPU-sized schedules, not the paper's Stable-Diffusion-sized ones."""
+    if name in TOY_MODELS:
+        return name
+    cfg = _config(name)
+    if cfg is None:
+        return None
+    for alias in TOY_MODELS:
+        shipped = _config(alias)
+        if shipped is not None and _bare(shipped) == _bare(cfg):
+            return alias
+    return None
+
+
+def _family(name: str) -> str:
+    """``toy`` for the embedded models (and folders of their architecture), ``sdxl`` for
+    SDXL-style U-Nets, ``dit`` for diffusion transformers (PixArt, SD3, Flux), else ``sd``."""
+    if toy_model(name) is not None:
+        return "toy"
+    cfg = _config(name)
+    if cfg is None:
         return "sd"
     if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         return "dit"
@@ -104,15 +133,17 @@ def model_defaults(name: str) -> dict[str, tuple[Any, str]]:
         out["generate.height"] = (gen, why)
         out["generate.width"] = (gen, why)
     family = _family(name)
-    if name == "toy-dit":
+    if toy_model(name) == "toy-dit":
         for key, value in TOY_DIT_PROFILE.items():
             out[key] = (value, f"model {name}: the toy DiT's CPU schedule")
     if family == "toy":
         return out
     for key, value in PAPER_PROFILE.items():
         out[key] = (value, f"model {name}: paper recipe (App. E)")
-    if family in _TRAIN_RESOLUTION:
-        out["data.resolution"] = (_TRAIN_RESOLUTION[family], f"model {name}: half its generation resolution")
+    if family in _TRAIN_RESOLUTION:  # never above what the model generates at
+        res = _TRAIN_RESOLUTION[family] if gen is None else min(_TRAIN_RESOLUTION[family], gen)
+        out["data.resolution"] = (res, f"model {name}: half its generation resolution" if res < (gen or 2 * res)
+                                  else f"model {name}: its generation resolution")
     if family == "dit":  # their own samplers (DPM-Solver for PixArt, flow-matching Euler for SD3 / Flux)
         out["generate.scheduler"] = ("default", f"model {name}: the pipeline's own scheduler")
     return out

@@ -49,8 +49,6 @@ class Model:
         for k in sorted(self.experts_meta):  # all experts resident from the start
             self.ep.unet(k)
         self.router = None if full else run.router()
-        if self.router is not None and self.router.num_codes == 1:
-            self.router = None
         self._route_lock = threading.Lock()
         self._steps_ok: dict[int, str | None] = {}
         self.size = generation_size(s)  # (height, width) when a request names none
@@ -85,12 +83,11 @@ class Model:
         """One record per prompt, as ``aptp route`` (cosine to the hard codes, no noise)."""
         if self.full:
             return [{"prompt": p, "expert": "full", "macs_ratio": 1.0, "similarity": None} for p in prompts]
-        if self.router is None:  # one code: everything goes to expert 0
-            return [{"prompt": p, "expert": 0, "macs_ratio": self.macs_ratio(0), "similarity": 1.0} for p in prompts]
+        from aptp.experts import route_prompts
+
         with self._route_lock:  # the prompt encoder is not shared between threads
-            index, sim = self.router.route_prompts(prompts)
-        return [{"prompt": p, "expert": int(i), "macs_ratio": self.macs_ratio(int(i)), "similarity": float(c)}
-                for p, i, c in zip(prompts, index.tolist(), sim.tolist())]
+            return route_prompts(self.run, prompts, router=self.router,
+                                 ratios={k: m.get("macs_ratio") for k, m in self.experts_meta.items()})
 
     def render(self, batch: Batch) -> list[Any]:
         """PIL images of ``batch``'s items, in item order."""

@@ -52,6 +52,31 @@ def test_defaults_without_sources():
     assert s.source("prune.budget") == "default" and s.source("space.macs_resolution").startswith("model toy")
 
 
+def test_a_copy_of_the_toy_dit_keeps_the_toy_schedules(tmp_path):
+    """A folder holding the embedded toy DiT's architecture (a copy, a fine-tuned version) gets the
+    toy's CPU schedules, not the paper's Stable-Diffusion-sized ones (which ran out of memory)."""
+    import shutil
+
+    from aptp.models import toy
+
+    src = toy.toy_assets_dir().parent / "toy-dit"
+    copy = tmp_path / "my-toy-dit"
+    shutil.copytree(src, copy)
+    s = resolve_settings(cli={"model.name": str(copy)}, env={})
+    alias = resolve_settings(cli={"model.name": "toy-dit"}, env={})
+    for key in ("data.resolution", "prune.batch_size", "prune.lr", "prune.steps", "finetune.steps",
+                "space.macs_resolution"):
+        section, field = key.split(".")
+        assert getattr(getattr(s, section), field) == getattr(getattr(alias, section), field), key
+    assert (s.data.resolution, s.prune.batch_size, s.finetune.steps) == (64, 32, 300)
+    # another architecture in the same pipeline class is a real DiT: the paper's profile
+    cfg_path = copy / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "num_layers": cfg["num_layers"] + 1}))
+    other = resolve_settings(cli={"model.name": str(copy)}, env={})
+    assert (other.data.resolution, other.finetune.steps) == (64, 30000)  # never trained above its 64 px
+
+
 def test_model_dependent_defaults_follow_the_model(tmp_path):
     """Issue 12: --model sd2.1 (or an SD-shaped folder) without --resolution trains at the paper's
     256 px, counts MACs at 768 px, and gets the paper's schedules; nothing set by a source moves."""
