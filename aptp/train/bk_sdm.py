@@ -29,10 +29,8 @@ import torch
 
 from aptp.engine.gates import Gates
 from aptp.engine.space import ArchSpace
-from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
-from aptp.train.diffusion import add_noise
 from aptp.train.distill import per_sample_mse
-from aptp.train.taylor import stratified_timesteps
+from aptp.train.taylor import stratified_batches
 from aptp.train.teacher import Teacher
 
 
@@ -56,29 +54,20 @@ def removal_sensitivity(teacher: Teacher, space: ArchSpace, dataset, groups: lis
     fine-tuning would start from)."""
     own = gates is None
     gates = gates or Gates(teacher.denoiser, space)
-    sampler = GlobalBatchSampler(range(len(dataset)), batch_size, 1, 0, seed, start=0, stop=batches)
     total = torch.zeros(len(groups), dtype=torch.float64)
-    sched = teacher.noise_scheduler
     n = 0
     try:
-        for i, batch in enumerate(batch_loader(dataset, sampler)):
-            g = _gen(seed, 409, i)
-            device = teacher.denoiser.device
-            mean, std = teacher.encode_images(batch["pixel_values"].to(device))
-            text = teacher.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
-            latents = mean + std * torch.randn(mean.shape, generator=g).to(mean)
-            noise = torch.randn(mean.shape, generator=g).to(mean)
-            t = stratified_timesteps(sched, latents.shape[0], g).to(device)
-            x_t = add_noise(sched, latents, noise, t)
+        for x_t, t, text, _ in stratified_batches(teacher, dataset, batches=batches, batch_size=batch_size,
+                                                   seed=seed, stream=409):
             with gates.off():
                 full = teacher.predict(teacher.denoiser, x_t, t, text)
             for k, group in enumerate(groups):
-                v = torch.ones(space.size, device=device)
+                v = torch.ones(space.size, device=x_t.device)
                 v[group] = 0.0
-                with gates.apply(v.expand(latents.shape[0], -1)):
+                with gates.apply(v.expand(x_t.shape[0], -1)):
                     out = teacher.predict(teacher.denoiser, x_t, t, text)
                 total[k] += per_sample_mse(out, full).double().sum().cpu()
-            n += latents.shape[0]
+            n += x_t.shape[0]
     finally:
         if own:
             gates.remove()

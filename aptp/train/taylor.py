@@ -33,6 +33,24 @@ def stratified_timesteps(scheduler, batch: int, generator: torch.Generator) -> t
     return t.float() if is_flow_matching(scheduler) else t.long().clamp(0, n - 1)
 
 
+def stratified_batches(teacher: Teacher, dataset, *, batches: int, batch_size: int, seed: int, stream: int):
+    """``batches`` batches of the data set as ``(x_t, t, text, target)``: the latents of fresh VAE
+    samples noised at timesteps stratified over the schedule, all drawn from ``(seed, stream, i)``
+    (the measurements of the static baselines see the same inputs run after run)."""
+    sampler = GlobalBatchSampler(range(len(dataset)), batch_size, 1, 0, seed, start=0, stop=batches)
+    sched = teacher.noise_scheduler
+    for i, batch in enumerate(batch_loader(dataset, sampler)):
+        g = _gen(seed, stream, i)
+        device = teacher.denoiser.device
+        with torch.no_grad():
+            mean, std = teacher.encode_images(batch["pixel_values"].to(device))
+            text = teacher.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
+        latents = mean + std * torch.randn(mean.shape, generator=g).to(mean)
+        noise = torch.randn(mean.shape, generator=g).to(mean)
+        t = stratified_timesteps(sched, latents.shape[0], g).to(device)
+        yield add_noise(sched, latents, noise, t), t, text, diffusion_target(sched, latents, noise, t)
+
+
 def taylor_scores(teacher: Teacher, space: ArchSpace, dataset, *, batches: int = 8, batch_size: int = 16,
                   seed: int = 0, gates: Gates | None = None) -> torch.Tensor:
     """(D,) |Σ ∂L/∂gate| of every unit over ``batches`` batches (NaN at depth units).
@@ -47,23 +65,12 @@ def taylor_scores(teacher: Teacher, space: ArchSpace, dataset, *, batches: int =
     """
     own = gates is None
     gates = gates or Gates(teacher.denoiser, space)
-    sampler = GlobalBatchSampler(range(len(dataset)), batch_size, 1, 0, seed, start=0, stop=batches)
     total = torch.zeros(space.size, dtype=torch.float64)
-    sched = teacher.noise_scheduler
     try:
-        for i, batch in enumerate(batch_loader(dataset, sampler)):
-            g = _gen(seed, 401, i)
-            device = teacher.denoiser.device
-            with torch.no_grad():
-                mean, std = teacher.encode_images(batch["pixel_values"].to(device))
-                text = teacher.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
-            latents = mean + std * torch.randn(mean.shape, generator=g).to(mean)
-            noise = torch.randn(mean.shape, generator=g).to(mean)
-            t = stratified_timesteps(sched, latents.shape[0], g).to(device)
-            x_t = add_noise(sched, latents, noise, t)
-            target = diffusion_target(sched, latents, noise, t)
-            v = torch.ones(space.size, device=device, requires_grad=True)
-            with gates.apply(v.expand(latents.shape[0], -1)):
+        for x_t, t, text, target in stratified_batches(teacher, dataset, batches=batches, batch_size=batch_size,
+                                                        seed=seed, stream=401):
+            v = torch.ones(space.size, device=x_t.device, requires_grad=True)
+            with gates.apply(v.expand(x_t.shape[0], -1)):
                 pred = teacher.predict(teacher.denoiser, x_t, t, text)
             per_sample_mse(pred, target).mean().backward()
             total += v.grad.detach().double().cpu()
