@@ -198,7 +198,12 @@ class PruneSettings(_Section):
 class FinetuneSettings(_Section):
     """`aptp finetune`: fine-tune the pruned experts."""
 
-    steps: int = Field(300, ge=0, description="Fine-tuning steps per expert (paper: 30000, see recipes/).")
+    steps: int = Field(300, ge=0, description="Fine-tuning steps per expert (paper: 30000, see recipes/); "
+                       "with steps_mode 'split', in all.")
+    steps_mode: Literal["per-expert", "split"] = Field(
+        "per-expert", description="'per-expert': every expert trains `steps` (the paper); 'split': `steps` in all, "
+        "shared by the experts in proportion to their routed training samples — the same total compute as one "
+        "static model fine-tuned for `steps`.")
     lr: float = Field(5e-5, ge=0, description="Learning rate (paper: 1e-5).")
     batch_size: int = Field(32, ge=1, description="Batch size per process (paper: 128).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")

@@ -70,6 +70,36 @@ def routed_indices(run: RunDir, k: int, is_main: bool, barrier: Callable[[], Non
     return indices
 
 
+def expert_steps(run: RunDir, settings: Settings, is_main: bool = True,
+                 barrier: Callable[[], None] = lambda: None) -> dict[int, int]:
+    """Fine-tuning steps of every expert of the run. ``finetune.steps_mode: per-expert`` (the paper):
+    ``finetune.steps`` each. ``split``: ``finetune.steps`` in all, shared by the experts in proportion
+    to the training samples routed to them (largest remainders; an expert with samples gets at least
+    one step), so a mixture can be fine-tuned with the same total compute as one static model."""
+    ks = [e["expert"] for e in run.experts()]
+    f = settings.finetune
+    if f.steps_mode == "per-expert":
+        return {k: f.steps for k in ks}
+    counts = {k: len(routed_indices(run, k, is_main, barrier, settings)) for k in ks}
+    total = sum(counts.values())
+    if total == 0:
+        return {k: 0 for k in ks}
+    live = [k for k in ks if counts[k] > 0]
+    if f.steps < len(live):
+        raise AptpUserError(f"--steps {f.steps} with finetune.steps_mode=split: fewer steps than the {len(live)} "
+                            "experts that have training samples; give at least one step each")
+    exact = {k: f.steps * counts[k] / total for k in ks}
+    out = {k: (max(1, int(exact[k])) if counts[k] else 0) for k in ks}
+    for k in sorted(live, key=lambda k: exact[k] - int(exact[k]), reverse=True):  # largest remainders
+        if sum(out.values()) >= f.steps:
+            break
+        out[k] += 1
+    while sum(out.values()) > f.steps:  # the at-least-one floor overshot: take from the largest
+        k = max(live, key=lambda k: out[k])
+        out[k] -= 1
+    return out
+
+
 class ExpertTrainer:
     """Fine-tunes one expert; ``run()`` trains, checkpoints and writes ``finetuned/expert-K``."""
 
@@ -240,7 +270,10 @@ def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: 
     acc = Accelerator(mixed_precision=settings.finetune.mixed_precision)
     results = []
     teacher = load_teacher(settings.model, device=acc.device)
+    base = settings
+    steps = expert_steps(run, base, acc.is_main_process, acc.wait_for_everyone)
     for k in experts:
+        settings = base.model_copy(update={"finetune": base.finetune.model_copy(update={"steps": steps[k]})})
         indices = routed_indices(run, k, acc.is_main_process, acc.wait_for_everyone, settings)
         if skip_empty and not indices:  # the caller reports it (result with path None)
             logger.debug("expert %d: no training sample is routed to it; skipped", k)

@@ -138,6 +138,37 @@ def test_finetune_caption_dropout_and_min_snr(run, tmp_path):
     assert losses["snr"] != pytest.approx(losses["base"], rel=1e-4)
 
 
+def test_finetune_split_steps_share_one_total(run, tmp_path):
+    """finetune.steps_mode=split: `steps` in all, shared by routed samples (equal total compute)."""
+    from aptp.rundir import RunDir
+    from aptp.train.finetune import expert_steps, routed_indices
+
+    rd = RunDir(run)
+    counts = {e["expert"]: len(routed_indices(rd, e["expert"], True, lambda: None)) for e in rd.experts()}
+    base = rd.settings
+    split = base.model_copy(update={"finetune": base.finetune.model_copy(update={"steps": 40, "steps_mode": "split"})})
+    per = base.model_copy(update={"finetune": base.finetune.model_copy(update={"steps": 40})})
+    assert expert_steps(rd, per) == {k: 40 for k in counts}
+    steps = expert_steps(rd, split)
+    assert sum(steps.values()) == 40
+    for k in counts:  # proportional to the routed samples, within one step of the exact share
+        assert abs(steps[k] - 40 * counts[k] / sum(counts.values())) < 1 + 1e-9
+        assert (steps[k] == 0) == (counts[k] == 0)
+    live = sum(1 for c in counts.values() if c)
+    too_few = split.model_copy(update={"finetune": split.finetune.model_copy(update={"steps": live - 1})})
+    with pytest.raises(Exception, match="fewer steps"):
+        expert_steps(rd, too_few)
+    # through the CLI: the per-expert runs add up to the total
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("finetune", "finetuned"))
+    res = cli("finetune", str(copy), "--steps", str(live + 1), "--batch-size", "2", "--quiet",
+              "--set", "finetune.steps_mode=split")
+    assert res.exit_code == 0, res.output
+    done = [json.loads((copy / "finetune" / f"expert-{k}" / "result.json").read_text())["step"]
+            for k in counts if counts[k]]
+    assert sum(done) == live + 1 and min(done) >= 1
+
+
 def test_generate_mixed_batch_equals_alone(run, tmp_path):
     prompts = ["a red circle", "the word SUN in white letters on a black background",
                "two green triangles left of a yellow star", "a small blue square in the top left",
