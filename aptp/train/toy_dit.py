@@ -77,9 +77,9 @@ class DitTrainSettings(base.TeacherTrainSettings):
     num_attention_heads: int = Field(6, ge=1, description="Attention heads per block (self and cross).")
     attention_head_dim: int = Field(32, ge=1, description="Channels per head; hidden size = heads * head dim.")
     patch_size: int = Field(2, ge=1, description="Latent patch side (16x16 latents -> (16/p)^2 tokens).")
-    steps: int = Field(2700, ge=0, description="Optimiser steps in all.")
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate of the transformer.")
-    lr_warmup_steps: int = Field(250, ge=0, description="Linear warm-up steps.")
+    steps: int = Field(6500, ge=0, description="Optimiser steps in all.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the transformer.")
+    lr_warmup_steps: int = Field(300, ge=0, description="Linear warm-up steps.")
 
 
 class ToyDitSettings(common._Strict):
