@@ -90,22 +90,23 @@ class ExpertPipeline:
         # guidance when the settings leave it unset: the model's recommended scale
         self.default_guidance = default_guidance(model or (run.settings.model.name if run is not None else None))
         self.pipe = pipe
-        self.teacher_unet = denoiser_of(pipe)
-        self.backbone = backbone_for(self.teacher_unet)
+        self.teacher_denoiser = denoiser_of(pipe)
+        self.backbone = backbone_for(self.teacher_denoiser)
         self.component = self.backbone.component  # the pipeline attribute swapped per expert
         self.call_kwargs = self.backbone.call_kwargs(pipe, self.backbone.text_len(pipe))
         self.weights = weights
         self.cache = cache
         self._experts: dict[int, torch.nn.Module] = {}
 
-    def unet(self, expert: int | None) -> torch.nn.Module:
+    def denoiser(self, expert: int | None) -> torch.nn.Module:
+        """The teacher's denoiser (``None``) or expert ``expert``'s, loaded once and kept (``cache`` of them)."""
         if expert is None:
-            return self.teacher_unet
+            return self.teacher_denoiser
         if expert not in self._experts:
             if len(self._experts) >= self.cache:
                 self._experts.pop(next(iter(self._experts)))
-            m = load_expert(self.run.expert_dir(expert, self.weights), device=self.teacher_unet.device,
-                            dtype=self.teacher_unet.dtype)
+            m = load_expert(self.run.expert_dir(expert, self.weights), device=self.teacher_denoiser.device,
+                            dtype=self.teacher_denoiser.dtype)
             self._experts[expert] = m
         return self._experts[expert]
 
@@ -133,7 +134,7 @@ class ExpertPipeline:
         images: dict[int, Any] = {}
         order = sorted(groups, key=lambda k: -1 if k is None else k)
         for k in order:
-            model = self.unet(k)
+            model = self.denoiser(k)
             setattr(pipe, self.component, model)
             group = groups[k]
             for start in range(0, len(group), g.batch_size):
@@ -148,7 +149,7 @@ class ExpertPipeline:
                     images.update((j.index, img) for j, img in zip(batch, out.images))
                 if on_batch is not None:
                     on_batch(len(batch))
-        setattr(pipe, self.component, self.teacher_unet)
+        setattr(pipe, self.component, self.teacher_denoiser)
         return images
 
 

@@ -47,7 +47,7 @@ def main() -> None:
     routed = plan_jobs(run, prompts, 0, None, False)
     full_jobs = [Job(j.index, j.prompt, None, j.seed) for j in routed]
     for k in sorted({j.expert for j in routed}):
-        ep.unet(k)  # load every expert before timing
+        ep.denoiser(k)  # load every expert before timing
     size = s.data.resolution
     batched = GenerateSettings(steps=a.steps, batch_size=a.batch)
     single = GenerateSettings(steps=a.steps, batch_size=1)

@@ -47,7 +47,7 @@ class Model:
         pipe = load_teacher(model, device=device).pipeline
         self.ep = ExpertPipeline(run, pipe, weights=weights, cache=max(1, len(self.experts_meta)))
         for k in sorted(self.experts_meta):  # all experts resident from the start
-            self.ep.unet(k)
+            self.ep.denoiser(k)
         self.router = None if full else run.router()
         self._route_lock = threading.Lock()
         self._steps_ok: dict[int, str | None] = {}
