@@ -90,13 +90,13 @@ def _bare(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def toy_model(name: str) -> str | None:
+def toy_model(name: str, cfg: dict | None = None) -> str | None:
     """``toy`` / ``toy-dit`` for an embedded model — the alias, or a folder (a copy, a fine-tuned
     version) whose denoiser has the embedded model's exact architecture — else None. A copy gets
     the toy's CPU-sized schedules, not the paper's Stable-Diffusion-sized ones."""
     if name in TOY_MODELS:
         return name
-    cfg = _config(name)
+    cfg = _config(name) if cfg is None else cfg
     if cfg is None:
         return None
     for alias in TOY_MODELS:
@@ -109,9 +109,9 @@ def toy_model(name: str) -> str | None:
 def _family(name: str) -> str:
     """``toy`` for the embedded models (and folders of their architecture), ``sdxl`` for
     SDXL-style U-Nets, ``dit`` for diffusion transformers (PixArt, SD3, Flux), else ``sd``."""
-    if toy_model(name) is not None:
+    cfg = None if name in TOY_MODELS else _config(name)  # read once, for both questions
+    if toy_model(name, cfg) is not None:
         return "toy"
-    cfg = _config(name)
     if cfg is None:
         return "sd"
     if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":

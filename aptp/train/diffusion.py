@@ -125,10 +125,11 @@ def noisy_batch(scheduler, latents: torch.Tensor, generator: torch.Generator | N
     return add_noise(scheduler, latents, noise, t), t, diffusion_target(scheduler, latents, noise, t)
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ loss weights (Hang et al. 2023) for the prediction target of ``scheduler``, shape
-    ``(B,)``, float32, normalised so that their mean over the training timestep distribution is 1
-    (the loss keeps its scale against the other terms; only its spread over noise levels changes).
+class MinSnrWeights:
+    """Min-SNR-γ loss weights (Hang et al. 2023) for the prediction target of ``scheduler``: called
+    on timesteps ``(B,)``, returns float32 weights ``(B,)`` normalised so that their mean over the
+    training timestep distribution is 1 (the loss keeps its scale against the other terms; only its
+    spread over noise levels changes). The normaliser is computed once, here, not every step.
 
     In terms of the clean-latent error the weight is ``min(SNR, γ)``; on the scheduler's own target it
     becomes ``min(SNR, γ)/SNR`` (epsilon), ``min(SNR, γ)/(SNR + 1)`` (v-prediction), ``min(SNR, γ)``
@@ -136,18 +137,28 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     It lowers the weight of the nearly clean timesteps, whose small errors otherwise dominate the
     mean, and, for the velocity targets, that of the pure-noise ones.
     """
-    if not gamma > 0:
-        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
-    n = scheduler.config.num_train_timesteps
 
-    def raw(t: torch.Tensor) -> torch.Tensor:
-        if is_flow_matching(scheduler):
-            sigma = (t.double() / n).clamp(1e-6, 1 - 1e-6)
+    def __init__(self, scheduler, gamma: float) -> None:
+        if not gamma > 0:
+            raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+        self.scheduler, self.gamma = scheduler, float(gamma)
+        self.flow = is_flow_matching(scheduler)
+        n = scheduler.config.num_train_timesteps
+        if self.flow:
+            grid = sample_timesteps(scheduler, 8192, torch.Generator().manual_seed(0))  # the training σ law
+        else:
+            grid = torch.arange(n)  # uniform integer timesteps: the exact mean
+        self.scale = self._raw(grid).mean()
+
+    def _raw(self, t: torch.Tensor) -> torch.Tensor:
+        sched, gamma = self.scheduler, self.gamma
+        if self.flow:
+            sigma = (t.double() / sched.config.num_train_timesteps).clamp(1e-6, 1 - 1e-6)
             return torch.minimum((1 - sigma) ** 2, gamma * sigma ** 2)
-        abar = scheduler.alphas_cumprod.double()[t.long().cpu()]
+        abar = sched.alphas_cumprod.double()[t.long().cpu()]
         snr = abar / (1 - abar)
         clipped = snr.clamp(max=gamma)
-        kind = scheduler.config.prediction_type
+        kind = sched.config.prediction_type
         if kind == "epsilon":
             return clipped / snr
         if kind == "v_prediction":
@@ -156,9 +167,10 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
             return clipped
         raise ValueError(f"unsupported prediction_type {kind!r}")
 
-    if is_flow_matching(scheduler):
-        grid = sample_timesteps(scheduler, 8192, torch.Generator().manual_seed(0))  # the training σ law
-    else:
-        grid = torch.arange(n)  # uniform integer timesteps: the exact mean
-    scale = raw(grid).mean()
-    return (raw(timesteps.detach().cpu()) / scale).float().to(timesteps.device)
+    def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return (self._raw(timesteps.detach().cpu()) / self.scale).float().to(timesteps.device)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """:class:`MinSnrWeights` of ``scheduler`` and ``gamma`` applied once to ``timesteps``."""
+    return MinSnrWeights(scheduler, gamma)(timesteps)

@@ -28,7 +28,7 @@ from aptp.io import atomic_write_json, prepare_output_dir
 from aptp.rundir import FINETUNED_DIR, RunDir
 from aptp.settings import Settings, write_settings
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
-from aptp.train.diffusion import add_noise, diffusion_target, min_snr_weights, sample_timesteps
+from aptp.train.diffusion import MinSnrWeights, add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
 from aptp.train.prune import _truncate_metrics
@@ -118,6 +118,8 @@ class ExpertTrainer:
         if not self.indices:
             raise AptpUserError(f"expert {k}: no training sample is routed to it; nothing to fine-tune")
         self.dataset = build_dataset(settings.data, seed=settings.seed)
+        self.snr_weights = None if self.f.snr_gamma is None else MinSnrWeights(self.teacher.noise_scheduler,
+                                                                              self.f.snr_gamma)
         self.student = load_expert(run.expert_dir(k, "initial"), device=self.acc.device)
         self.student.train().requires_grad_(True)
         self.plan = read_plan(run.expert_dir(k, "initial"))
@@ -162,7 +164,7 @@ class ExpertTrainer:
         inner = self.acc.unwrap_model(self.model)
         with self.acc.autocast(), capture_blocks(inner) as sb:
             pred = t.predict(self.model, x_t, steps, text)
-        w = None if f.snr_gamma is None else min_snr_weights(t.noise_scheduler, steps, f.snr_gamma).to(pred.dtype)
+        w = None if self.snr_weights is None else self.snr_weights(steps).to(pred.dtype)
         l_ddpm = _weighted_mean(per_sample_mse(pred, target), w)
         if f.alpha_distill > 0:
             with torch.no_grad(), self.acc.autocast(), capture_blocks(t.denoiser) as tb:

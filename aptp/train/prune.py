@@ -66,7 +66,7 @@ from aptp.router.router import PromptRouter, save_router
 from aptp.settings import Settings, write_settings
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
-from aptp.train.diffusion import add_noise, diffusion_target, min_snr_weights, sample_timesteps
+from aptp.train.diffusion import MinSnrWeights, add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.teacher import Teacher, load_teacher
 
@@ -124,6 +124,7 @@ class Pruner:
         self.macs = build_macs_model(t.denoiser, self.space, self.macs_resolution // t.vae_scale_factor,
                                      text_len=t.text_len)
         self.gates = Gates(t.denoiser, self.space)
+        self.snr_weights = None if self.p.snr_gamma is None else MinSnrWeights(t.noise_scheduler, self.p.snr_gamma)
 
         captions = self.dataset.captions()
         cache = settings.router.embedding_cache or default_embedding_cache()
@@ -255,8 +256,8 @@ class Pruner:
         else:
             l_out = l_block = torch.zeros_like(l_ddpm)
         per_sample = l_ddpm + p.lambda_distill * (l_out + l_block)
-        if p.snr_gamma is not None:  # min-SNR-γ timestep weights, mean 1 over the timestep law
-            per_sample = per_sample * min_snr_weights(t.noise_scheduler, timesteps, p.snr_gamma).to(per_sample)
+        if self.snr_weights is not None:  # min-SNR-γ timestep weights, mean 1 over the timestep law
+            per_sample = per_sample * self.snr_weights(timesteps).to(per_sample)
 
         # Eq. 15: the mean over codes of the mean over each code's samples, with global counts;
         # in warm-up a plain global mean. ``local_task`` is this process's share of that value.
