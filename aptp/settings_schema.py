@@ -177,6 +177,13 @@ class PruneSettings(_Section):
         "(1[logit >= 0], straight-through) that materialize slices, so the experts meet the budget; "
         "'relaxed' = the sampled Gumbel-sigmoid gates, whose expected MACs sit below the hard ones.",
     )
+    resource_per: Literal["batch", "expert"] = Field(
+        "batch",
+        description="What the resource loss holds at the budget: 'batch' (the paper, Eq. 26) = the routed mean "
+        "MACs, so experts may sit above or below it as the quality losses decide; 'expert' = every sample's "
+        "architecture (the mean of Eq. 26 per sample), so each expert costs about the budget and every prompt "
+        "the same MACs (a per-request latency bound; no capacity shifted between prompts).",
+    )
     lambda_assign: float = Field(
         1.0, ge=0,
         description="Weight of the assignment-consistency loss that makes inference routing (nearest code) "

@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # The fidelity study of issue 14 ("does routing pay?") on the shapes world: every row of the
-# docs/results-shapes.md comparison, pruned at the same budget, fine-tuned the same way and
-# evaluated in one `aptp eval` per guidance against the same prompts and seeds, with paired
-# intervals against APTP (seed 0).
+# docs/results-shapes.md comparison, pruned at the same budget, fine-tuned the same way, each
+# model's images generated once per guidance (same captions, prompt i with seed i) and all of them
+# scored in one `aptp eval` per guidance, with paired intervals against APTP (seed 0).
 #
 #   bash bench/fidelity_study.sh [OUT]          # default OUT=runs/study; resumable: run it again
 #
-# Rows (ROWS, default all): wn (weight-norm), taylor, bk-sdm, uni-paper (the paper's Uni-Arch),
-# uni (warm-started Uni-Arch), aptp, noot (no optimal transport), nodistill, noot-nodistill (the
-# 2 x 2 of optimal transport x distillation with aptp). SEEDS (default "0 1 2") are the prune seeds
-# of aptp and uni; the other rows use seed 0. Environment knobs, for other models or a quick check:
-#   MODEL=toy BUDGET=0.78 FT_STEPS=300 LIMIT=500 GUIDANCES="3 7.5" GEN_BATCH=50
+# Rows (ROWS, default the paper's comparison):
+#   wn (weight-norm)  taylor  bk-sdm  uni-paper (the paper's Uni-Arch)  uni (warm-started Uni-Arch)
+#   aptp  noot (no optimal transport)  nodistill  noot-nodistill   (the 2 x 2 with aptp)
+# and the candidates of the mixture's case (issue 14, item 5), each one change to a row:
+#   aptp-centred (router.similarity=centred)  aptp-snr (prune.snr_gamma=5)
+#   aptp-per-expert (prune.resource_per=expert: every expert at the budget, no capacity shifted)
+#   aptp-cd / uni-cd (finetune.caption_dropout=0.1; the prune of aptp / uni is reused)
+#   aptp-split (finetune.steps_mode=split: the mixture's fine-tuning costs one static model's)
+# SEEDS (default "0 1 2") are the prune seeds of aptp and uni; the other rows use seed 0.
+# Images go to OUT/gen/ROW-sSEED-gG (and OUT/gen/teacher-gG), so an interrupted study loses no
+# finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done.
+# Environment knobs, for other models or a quick check:
+#   MODEL=toy BUDGET=0.78 FT_STEPS=300 LIMIT=500 GUIDANCES="3 7.5" GEN_BATCH=50 EVAL=1
 #   PRUNE_ARGS="..." FINETUNE_ARGS="..." EVAL_ARGS="..." (added to every prune / finetune / eval)
 #   APTP=aptp (the command), PYTHON (default: the python next to it)
-# On the 2-core CPU: about 10 min per trained prune, 10 min per mixture fine-tuning (8 x 300 steps),
-# 2 min per static row, 2 min per model and guidance in eval; the whole study is several hours, so
-# run it in the background (nohup) and let each session continue it.
+# On the 2-core CPU (toy U-Net): about 9 min per trained prune, 18 min per mixture fine-tuning
+# (8 x 300 steps), 2-3 min per static one, 1.5 min per model and guidance to generate; the whole
+# study is several hours, so run it in the background (nohup) and let each session continue it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/study}
@@ -28,37 +36,79 @@ FT_STEPS=${FT_STEPS:-300}
 LIMIT=${LIMIT:-500}
 GUIDANCES=${GUIDANCES:-"3 7.5"}
 GEN_BATCH=${GEN_BATCH:-50}
+EVAL=${EVAL:-1}
 ROWS=${ROWS:-"wn taylor bk-sdm uni-paper uni aptp noot nodistill noot-nodistill"}
 read -r -a prune_extra <<< "${PRUNE_ARGS:-}"
 read -r -a finetune_extra <<< "${FINETUNE_ARGS:-}"
 read -r -a eval_extra <<< "${EVAL_ARGS:-}"
-mkdir -p "$out"
+mkdir -p "$out/gen"
 log() { echo "[study $(date -u +%H:%M:%S)] $*"; }
 
-flags_of() {  # the prune flags of a row
+spec() {  # "BASE|PRUNE FLAGS|FINETUNE FLAGS" of a row; BASE: the row whose prune it reuses
   case "$1" in
-    wn) echo "--method weight-norm" ;;
-    taylor) echo "--method taylor" ;;
-    bk-sdm) echo "--method bk-sdm" ;;
-    uni-paper) echo "--method uni-arch-paper" ;;
-    uni) echo "--method uni-arch" ;;
-    aptp) echo "--method aptp" ;;
-    noot) echo "--method aptp --no-optimal-transport" ;;
-    nodistill) echo "--method aptp --no-distill" ;;
-    noot-nodistill) echo "--method aptp --no-optimal-transport --no-distill" ;;
-    *) echo "unknown row $1 (see the header of $0)" >&2; exit 2 ;;
+    wn) echo "|--method weight-norm|" ;;
+    taylor) echo "|--method taylor|" ;;
+    bk-sdm) echo "|--method bk-sdm|" ;;
+    uni-paper) echo "|--method uni-arch-paper|" ;;
+    uni) echo "|--method uni-arch|" ;;
+    aptp) echo "|--method aptp|" ;;
+    noot) echo "|--method aptp --no-optimal-transport|" ;;
+    nodistill) echo "|--method aptp --no-distill|" ;;
+    noot-nodistill) echo "|--method aptp --no-optimal-transport --no-distill|" ;;
+    aptp-centred) echo "|--method aptp --set router.similarity=centred|" ;;
+    aptp-snr) echo "|--method aptp --set prune.snr_gamma=5|" ;;
+    aptp-per-expert) echo "|--method aptp --set prune.resource_per=expert|" ;;
+    aptp-cd) echo "aptp||--set finetune.caption_dropout=0.1" ;;
+    uni-cd) echo "uni||--set finetune.caption_dropout=0.1" ;;
+    aptp-split) echo "aptp||--set finetune.steps_mode=split" ;;
+    *) echo "unknown row $1 (see the header of $0)" >&2; return 2 ;;
   esac
 }
 
-for row in $ROWS; do flags_of "$row" > /dev/null || exit 2; done  # every row known before anything runs
-runs=()
+lines() { [ -f "$1" ] && wc -l < "$1" || echo 0; }
+
+generate() {  # generate RUN NAME [extra flags]: LIMIT images per guidance into OUT/gen/NAME-gG
+  local run=$1 name=$2; shift 2
+  for g in $GUIDANCES; do
+    local dest="$out/gen/$name-g$g"
+    if [ "$(lines "$dest/manifest.jsonl")" -ne "$LIMIT" ]; then
+      log "generate $name at guidance $g"
+      $APTP generate "$run" --prompts "$out/prompts.txt" --output "$dest" --guidance "$g" \
+        --batch-size "$GEN_BATCH" --overwrite --quiet "$@" > /dev/null
+    fi
+  done
+}
+
+for row in $ROWS; do spec "$row" > /dev/null || exit 2; done  # every row known before anything runs
+
+real="$out/real"
+if [ ! -f "$real/metadata.jsonl" ]; then
+  log "export $LIMIT real validation images to $real"
+  "$PY" -c "import sys; from aptp.data.shapes import export_image_folder; export_image_folder(sys.argv[1], 'validation', int(sys.argv[2]))" \
+    "$real" "$LIMIT"
+fi
+[ -f "$out/prompts.txt" ] || "$PY" -c "import json, sys; print(''.join(json.loads(l)['text'] + '\n' for l in open(sys.argv[1]) if l.strip()), end='')" \
+  "$real/metadata.jsonl" > "$out/prompts.txt"
+
+names=()
 for row in $ROWS; do
+  IFS='|' read -r base pflags fflags <<< "$(spec "$row")"
   seeds=0
   case "$row" in aptp|uni) seeds=$SEEDS ;; esac
   for seed in $seeds; do
     run="$out/$row-s$seed"
-    runs+=("$run")
-    read -r -a flags <<< "$(flags_of "$row")"
+    names+=("$row-s$seed")
+    read -r -a flags <<< "$pflags"
+    read -r -a ft <<< "$fflags"
+    if [ -n "$base" ] && [ ! -f "$run/experts.json" ]; then
+      src="$out/$base-s$seed"
+      [ -f "$src/experts.json" ] || { echo "row $row reuses the prune of $base: put $base before it in ROWS" >&2; exit 2; }
+      log "copy the pruned and materialized $src to $run"
+      rm -rf "$run"; mkdir -p "$run"
+      for f in "$src"/*; do
+        case "$(basename "$f")" in finetuned|finetune|checkpoints|samples) ;; *) cp -a "$f" "$run/" ;; esac
+      done
+    fi
     if [ ! -f "$run/routing.json" ]; then
       log "prune $run"
       resume=(); [ -d "$run/checkpoints" ] && resume=(--resume)
@@ -70,28 +120,25 @@ for row in $ROWS; do
       $APTP materialize "$run" --quiet
     fi
     if [ ! -f "$run/.finetuned" ]; then
-      log "finetune $run ($FT_STEPS steps per model)"
+      log "finetune $run ($FT_STEPS steps) ${ft[*]}"
       resume=(); [ -d "$run/finetune" ] && resume=(--resume)
-      $APTP finetune "$run" --steps "$FT_STEPS" --quiet "${resume[@]}" "${finetune_extra[@]}"
+      $APTP finetune "$run" --steps "$FT_STEPS" --quiet "${resume[@]}" "${ft[@]}" "${finetune_extra[@]}"
       touch "$run/.finetuned"
     fi
+    generate "$run" "$row-s$seed"
+    [ -d "$out/gen/teacher-g${GUIDANCES%% *}" ] || generate "$run" teacher --full
   done
 done
+generate "$out/${names[0]}" teacher --full
 
-real="$out/real"
-if [ ! -f "$real/metadata.jsonl" ]; then
-  log "export $LIMIT real validation images to $real"
-  "$PY" -c "import sys; from aptp.data.shapes import export_image_folder; export_image_folder(sys.argv[1], 'validation', int(sys.argv[2]))" \
-    "$real" "$LIMIT"
-fi
-reference="$out/aptp-s0"
-[[ " ${runs[*]} " == *" $reference "* ]] || reference="${runs[0]}"
+[ "$EVAL" = 1 ] || { log "done (EVAL=0: no eval)"; exit 0; }
+reference=aptp-s0
+[[ " ${names[*]} " == *" $reference "* ]] || reference="${names[0]}"
 for g in $GUIDANCES; do
-  dest="$out/eval-g$g"
-  if [ ! -f "$dest/results.json" ]; then
-    log "eval at guidance $g -> $dest"
-    $APTP eval "$MODEL" "${runs[@]}" "$real" --reference "$reference" --limit "$LIMIT" --guidance "$g" \
-      --set generate.batch_size="$GEN_BATCH" --output "$dest" --quiet "${eval_extra[@]}"
-  fi
+  targets=("$out/gen/teacher-g$g")
+  for n in "${names[@]}"; do targets+=("$out/gen/$n-g$g"); done
+  log "eval at guidance $g: ${#names[@]} models, the teacher and the real images -> $out/eval-g$g"
+  $APTP eval "${targets[@]}" "$real" --reference "$out/gen/$reference-g$g" --limit "$LIMIT" \
+    --output "$out/eval-g$g" --overwrite --quiet "${eval_extra[@]}"
 done
-log "done: ${#runs[@]} runs, results in $out/eval-g*/results.json"
+log "done: ${#names[@]} runs, results in $out/eval-g*/results.json"

@@ -72,6 +72,24 @@ def _write_csv(fh, rows: list[dict]) -> None:
     w.writerows(flat)
 
 
+def short_names(targets: list[str]) -> tuple[list[str], str | None]:
+    """Targets as the table shows them: relative to the folder they share, when two or more
+    share one (``runs/study/gen/aptp-s0-g3`` → ``aptp-s0-g3`` under ``runs/study/gen``), so rows
+    whose paths differ only at the end stay apart in a narrow terminal."""
+    import os
+
+    paths = [t.rstrip("/") for t in targets]
+    if len(paths) < 2:
+        return paths, None
+    try:
+        common = os.path.commonpath([os.path.dirname(p) or "." for p in paths])
+    except ValueError:  # absolute and relative paths mixed
+        return paths, None
+    if common in ("", ".", "/"):
+        return paths, None
+    return [os.path.relpath(p, common) for p in paths], common
+
+
 def check_generation_steps(targets: list[str], s) -> None:
     """One line before anything is loaded if a target that generates (a run or a model) has a
     scheduler that cannot run ``generate.steps`` steps."""
@@ -157,10 +175,17 @@ def evaluate(
         if boot:
             title += (f"\n[lo, hi]: 95% bootstrap interval over prompts ({boot['resamples']} resamples); "
                       f"Δ: paired difference from {boot['reference']}")
+        names, common = short_names([r["target"] for r in rows])
+        if common is not None:
+            title += f"\ntargets under {common}/"
         t = Table(title=escape(title))
         for _, label in shown + deltas:
-            t.add_column(label, justify="left" if label == "target" else "right")
-        for r in rows:
-            t.add_row(*[_cell(r, k) if k in METRIC_KEYS else _fmt(r.get(k)) for k, _ in shown],
+            if label == "target":
+                t.add_column(label, justify="left", overflow="fold")
+            else:
+                t.add_column(label, justify="right")
+        for r, name in zip(rows, names):
+            t.add_row(*[escape(name) if k == "target" else _cell(r, k) if k in METRIC_KEYS else _fmt(r.get(k))
+                        for k, _ in shown],
                       *[_delta_cell(r, k) for k, _ in deltas])
         out.print(t)

@@ -131,7 +131,8 @@ def resource_loss(macs_ratio: torch.Tensor, budget: float | torch.Tensor) -> tor
 
     Args:
         macs_ratio: routed mean MACs as a fraction of the full model (scalar tensor), e.g.
-            :func:`routed_mean` of the codes' MACs ratios.
+            :func:`routed_mean` of the codes' MACs ratios; or one ratio per sample (elementwise,
+            ``prune.resource_per: expert``).
         budget: target ratio T_d in (0, 1].
     """
     budget_t = torch.as_tensor(budget, dtype=macs_ratio.dtype, device=macs_ratio.device)

@@ -282,7 +282,10 @@ class Pruner:
             measured = vectors
         ratios = self.macs.ratio(measured)  # (B,), differentiable in the gates
         mean_ratio = global_mean(ratios, self.comm.all_reduce)
-        l_res = resource_loss(mean_ratio, self.budget)
+        if p.resource_per == "expert":  # Eq. 26 per sample, then the global mean: each expert at the budget
+            l_res = global_mean(resource_loss(ratios, self.budget), self.comm.all_reduce)
+        else:
+            l_res = resource_loss(mean_ratio, self.budget)
         if self.uni and not warmup:  # the warm-up is aptp's own, contrastive loss included
             l_cont = torch.zeros((), dtype=l_res.dtype)
         else:

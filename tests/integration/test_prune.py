@@ -118,6 +118,32 @@ def test_min_snr_and_centred_routing_settings(tiny_pipeline_dir, emb_cache, tmp_
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("per", ["batch", "expert"])
+def test_resource_per_sets_what_meets_the_budget(tiny_pipeline_dir, emb_cache, tmp_path, monkeypatch, per):
+    """prune.resource_per: 'batch' (Eq. 26 on the routed mean MACs, the paper) or 'expert' (Eq. 26 on every
+    sample's architecture, then the mean): the resource loss sees one ratio or one per sample, and the
+    logged loss is their mean."""
+    import aptp.train.prune as prune_module
+
+    seen = []
+    real = prune_module.resource_loss
+
+    def spy(ratio, budget):
+        out = real(ratio, budget)
+        seen.append((tuple(ratio.shape), float(out.detach().mean())))
+        return out
+
+    monkeypatch.setattr(prune_module, "resource_loss", spy)
+    run = tmp_path / "run"
+    res = cli(*common(tiny_pipeline_dir, emb_cache, steps=2), "--set", f"prune.resource_per={per}", "--output", str(run))
+    assert res.exit_code == 0, res.output
+    rows = metrics(run)
+    assert len(seen) == len(rows) == 4
+    assert all(shape == (() if per == "batch" else (8,)) for shape, _ in seen)  # batch 8
+    assert [r["loss_resource"] for r in rows] == pytest.approx([v for _, v in seen], rel=1e-6)
+    assert f"resource_per: {per}" in (run / "settings.yaml").read_text()  # the run records it
+
+
 def test_bad_input_is_one_line(tiny_pipeline_dir, emb_cache, tmp_path):
     for args, needle in ((["--budget", "1.5"], "budget"), (["--data", str(tmp_path / "nope")], "nope"),
                          (["--resolution", "20"], "multiple of 8")):
