@@ -18,7 +18,7 @@
 # Images go to OUT/gen/ROW-sSEED-gG (and OUT/gen/teacher-gG), so an interrupted study loses no
 # finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done.
 # Environment knobs, for other models or a quick check:
-#   MODEL=toy BUDGET=0.78 FT_STEPS=300 LIMIT=500 GUIDANCES="3 7.5" GEN_BATCH=50 EVAL=1
+#   MODEL=toy BUDGET=0.78 FT_STEPS=300 LIMIT=500 GUIDANCES="3 7.5" GEN_BATCH=50 EVAL=1 TEACHER=1
 #   PRUNE_ARGS="..." FINETUNE_ARGS="..." EVAL_ARGS="..." (added to every prune / finetune / eval)
 #   APTP=aptp (the command), PYTHON (default: the python next to it)
 # On the 2-core CPU (toy U-Net): about 9 min per trained prune, 18 min per mixture fine-tuning
@@ -37,6 +37,7 @@ LIMIT=${LIMIT:-500}
 GUIDANCES=${GUIDANCES:-"3 7.5"}
 GEN_BATCH=${GEN_BATCH:-50}
 EVAL=${EVAL:-1}
+TEACHER=${TEACHER:-1}  # 0: no teacher images (a second instance on other rows, beside a first one)
 ROWS=${ROWS:-"wn taylor bk-sdm uni-paper uni aptp noot nodistill noot-nodistill"}
 read -r -a prune_extra <<< "${PRUNE_ARGS:-}"
 read -r -a finetune_extra <<< "${FINETUNE_ARGS:-}"
@@ -126,10 +127,10 @@ for row in $ROWS; do
       touch "$run/.finetuned"
     fi
     generate "$run" "$row-s$seed"
-    [ -d "$out/gen/teacher-g${GUIDANCES%% *}" ] || generate "$run" teacher --full
+    [ "$TEACHER" = 0 ] || [ -d "$out/gen/teacher-g${GUIDANCES%% *}" ] || generate "$run" teacher --full
   done
 done
-generate "$out/${names[0]}" teacher --full
+[ "$TEACHER" = 0 ] || generate "$out/${names[0]}" teacher --full
 
 [ "$EVAL" = 1 ] || { log "done (EVAL=0: no eval)"; exit 0; }
 reference=aptp-s0
