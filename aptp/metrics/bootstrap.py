@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from aptp.metrics.cmmd import CMMD_SCALE, CMMD_SIGMA, DEFAULT_ESTIMATOR, cmmd
-from aptp.metrics.fid import GaussianStats, frechet_distance
+from aptp.metrics.fid import FrechetReference, GaussianStats
 
 __all__ = [
     "LEVEL",
@@ -69,8 +69,8 @@ def fd_statistic(real: GaussianStats | torch.Tensor, fake_features: torch.Tensor
     """FD of the generated feature rows ``(N, d)`` at the given indices against the fixed real
     statistics (or real features)."""
     fake = fake_features.detach().to(torch.float64).cpu()
-    real_stats = real if isinstance(real, GaussianStats) else GaussianStats.from_features(real)
-    return lambda idx: frechet_distance(real_stats, fake[idx])
+    reference = FrechetReference(real)  # the real side factored once for every draw
+    return lambda idx: reference.distance(fake[idx])
 
 
 def cmmd_statistic(real_features: torch.Tensor, fake_features: torch.Tensor, sigma: float = CMMD_SIGMA,

@@ -143,6 +143,22 @@ def test_fd_matches_torchmetrics_formula_on_general_covariances():
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("n", [6, 40])  # fewer and more generated vectors than dimensions (the Gram side)
+def test_fd_reference_factored_once_equals_fd(n):
+    from aptp.metrics.fid import FrechetReference
+
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(50, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    ref = FrechetReference(GaussianStats.from_features(real))
+    for shift in (0.0, 0.7):
+        fake = torch.randn(n, 12, generator=g, dtype=torch.float64) * 1.3 + shift
+        # rel 1e-7: with N < d the d x d route takes square roots of round-off-sized eigenvalues
+        assert ref.distance(fake) == pytest.approx(frechet_distance(real, fake), rel=1e-7, abs=1e-9)
+    assert ref.distance(real) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError):
+        ref.distance(torch.zeros(1, 12))
+
+
 def test_our_fd_equals_torchmetrics_fid_with_featurenet():
     real, fake = random_images(40, seed=0), random_images(48, seed=1, offset=40)
     net = PooledPixels()
