@@ -24,6 +24,9 @@
 # On the 2-core CPU (toy U-Net): about 9 min per trained prune, 18 min per mixture fine-tuning
 # (8 x 300 steps), 2-3 min per static one, 1.5 min per model and guidance to generate; the whole
 # study is several hours, so run it in the background (nohup) and let each session continue it.
+# Two instances on different rows (the second with TEACHER=0 EVAL=0) need OMP_NUM_THREADS=1 each:
+# one 2-thread job beside another process slowed its linear algebra up to 1000x (OpenMP waits);
+# two 1-thread fine-tunings gave 1.2x the throughput of one 2-thread job, two prunes none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/study}
