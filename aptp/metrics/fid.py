@@ -118,14 +118,7 @@ def frechet_distance(real: torch.Tensor | GaussianStats, fake: torch.Tensor | Ga
     a, b = _as_stats(real), _as_stats(fake)
     if a.dim != b.dim:
         raise ValueError(f"feature widths differ: {a.dim} vs {b.dim}")
-    mu1, s1 = a.mean.to(torch.float64), a.cov.to(torch.float64)
-    mu2, s2 = b.mean.to(torch.float64), b.cov.to(torch.float64)
-    root1 = _sym_sqrt(s1)  # (d, d)
-    inner = root1 @ s2 @ root1  # (d, d) symmetric PSD, same eigenvalues as S1 S2
-    tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
-    diff = mu1 - mu2
-    # FD >= 0; identical sets give round-off of either sign, report those as 0.
-    return max(float(diff @ diff + s1.trace() + s2.trace() - 2 * tr_sqrt), 0.0)
+    return FrechetReference(a).distance_to_stats(b)
 
 
 class FrechetReference:
@@ -146,6 +139,15 @@ class FrechetReference:
         self.trace = cov.trace()
         self.root = _sym_sqrt(cov)
         self.dim = a.dim
+
+    def distance_to_stats(self, fake: GaussianStats) -> float:
+        """FD against a generated set's ``(mean, cov)``: the ``d x d`` route of :func:`frechet_distance`."""
+        s2 = fake.cov.to(torch.float64)
+        inner = self.root @ s2 @ self.root  # (d, d) symmetric PSD, same eigenvalues as S1 S2
+        tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
+        diff = self.mean - fake.mean.to(torch.float64)
+        # FD >= 0; identical sets give round-off of either sign, report those as 0.
+        return max(float(diff @ diff + self.trace + s2.trace() - 2 * tr_sqrt), 0.0)
 
     def distance(self, fake_features: torch.Tensor) -> float:
         """FD of the real statistics against the ``(N, d)`` generated features, ``N >= 2``."""
