@@ -164,6 +164,13 @@ class PruneSettings(_Section):
         description="'sqrt-batch': multiply lr by sqrt(batch_size x processes x grad_accum), as the official APTP "
         "code does (the printed 2e-4 alone cannot move a code logit from +3 to 0 in 3,000 steps); 'none': lr as is.",
     )
+    code_lr_scale: float = Field(
+        1.0, gt=0,
+        description="Multiplier of the learning rate for the architecture-code logits (the predictor keeps the "
+        "effective lr). Adam moves a logit about lr per step, so a code started at the keep-all logit +3 needs "
+        "~3 / (lr x scale) steps to prune anything: the paper's 3,000 steps at 6.4e-3 move a logit ~19, the toy's "
+        "500 at 1e-2 only ~5 (its uni-arch-paper stayed at 0.99 of the MACs). 1 = one rate for both (the paper).",
+    )
     lr_warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps (paper: 100).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(64, ge=1, description="Batch size per process.")

@@ -141,9 +141,11 @@ class Pruner:
                                    similarity=settings.router.similarity, encoder=self.encoder,
                                    generator=_gen(self.p.seed, 1))
         self.router.to(self.device)
-        params = list(self.router.parameters())
         self.lr = self.p.effective_lr(self.comm.world_size)  # lr x sqrt(global batch) unless lr_scaling: none
-        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.p.weight_decay)
+        codes = [self.router.codes.logits]  # the code logits may train faster than the predictor (code_lr_scale)
+        rest = [q for q in self.router.parameters() if q is not self.router.codes.logits]
+        groups = [{"params": rest}, {"params": codes, "lr": self.lr * self.p.code_lr_scale}]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.p.weight_decay)
         warm = max(1, self.p.lr_warmup_steps)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.step = 0

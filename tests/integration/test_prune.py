@@ -270,3 +270,21 @@ def test_budget_is_counted_at_the_macs_resolution(tiny_pipeline_dir, emb_cache, 
 
     assert inspected(64) == pytest.approx(ratio, abs=1e-6)  # float32 in the report
     assert abs(inspected(16) - ratio) > 1e-3  # the same architecture costs a different share at 16 px
+
+
+def test_code_lr_scale_moves_the_code_logits_faster(tiny_pipeline_dir, emb_cache, tmp_path):
+    """prune.code_lr_scale multiplies the learning rate of the code logits only: one AdamW step from the
+    same seeded start moves a logit by lr x scale x g / (|g| + eps) (Adam's first step), so runs at scale 1
+    and 4 differ by at most 3 x lr, and by 3 x lr where the gradient is well above eps."""
+    lr = 0.05 * 8 ** 0.5  # common(): prune.lr 0.05 x sqrt(batch 8)
+    codes = []
+    for scale in (1, 4):
+        run = tmp_path / f"s{scale}"
+        res = cli(*common(tiny_pipeline_dir, emb_cache, steps=1, warmup=0), "--method", "uni-arch-paper",
+                  "--set", f"prune.code_lr_scale={scale}", "--output", str(run))
+        assert res.exit_code == 0, res.output
+        codes.append(load_file(str(run / "codes.safetensors"))["logits"].double())
+    diff = (codes[0] - codes[1]).abs()
+    assert diff.max() <= 3 * lr * (1 + 1e-4)
+    assert diff.max() == pytest.approx(3 * lr, rel=1e-4)
+    assert (diff > 2.9 * lr).float().mean() > 0.5  # most logits, not one
