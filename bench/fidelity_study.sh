@@ -53,7 +53,7 @@ spec() {  # "BASE|PRUNE FLAGS|FINETUNE FLAGS" of a row; BASE: the row whose prun
     wn) echo "|--method weight-norm|" ;;
     taylor) echo "|--method taylor|" ;;
     bk-sdm) echo "|--method bk-sdm|" ;;
-    uni-paper) echo "|--method uni-arch-paper --set prune.code_lr_scale=4|" ;;
+    uni-paper) echo "|--method uni-arch-paper --set prune.code_lr_scale=4 --set prune.lambda_res=20|" ;;
     uni) echo "|--method uni-arch|" ;;
     aptp) echo "|--method aptp|" ;;
     noot) echo "|--method aptp --no-optimal-transport|" ;;
