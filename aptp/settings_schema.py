@@ -169,7 +169,8 @@ class PruneSettings(_Section):
         description="Multiplier of the learning rate for the architecture-code logits (the predictor keeps the "
         "effective lr). Adam moves a logit about lr per step, so a code started at the keep-all logit +3 needs "
         "~3 / (lr x scale) steps to prune anything: the paper's 3,000 steps at 6.4e-3 move a logit ~19, the toy's "
-        "500 at 1e-2 only ~5 (its uni-arch-paper stayed at 0.99 of the MACs). 1 = one rate for both (the paper).",
+        "500 at 1e-2 only ~5. Alone it does not bring uni-arch-paper to the budget (the toy stalled at 0.963 of the "
+        "MACs at 4; with lambda_res 20 as well it held 0.780). 1 = one rate for both (the paper).",
     )
     lr_warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps (paper: 100).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
