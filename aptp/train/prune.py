@@ -358,12 +358,38 @@ class Pruner:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.router.load_state_dict(state["router"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        optimizer, schedule = self._two_groups(state["optimizer"], state["lr_schedule"])
+        self.optimizer.load_state_dict(optimizer)
+        self.lr_schedule.load_state_dict(schedule)
         self.step = int(state["step"])
         self.codes_ready = bool(state["codes_ready"])
         self.skipped = int(state["skipped"])
         self.budget = float(state["budget"])
+
+    def _two_groups(self, optimizer: dict[str, Any], schedule: dict[str, Any]) -> tuple[dict, dict]:
+        """Checkpoints written before ``prune.code_lr_scale`` existed hold one AdamW parameter group for
+        the whole router; today the code logits have their own. Split the saved group the same way
+        (Adam's moments are kept per parameter, so none is lost) and give the codes' group the lr x
+        code_lr_scale of the settings. A checkpoint that already has two groups is returned as is."""
+        groups = optimizer["param_groups"]
+        if len(groups) != 1 or len(self.optimizer.param_groups) != 2:
+            return optimizer, schedule
+        params = list(self.router.parameters())
+        (old,) = groups
+        if len(old["params"]) != len(params):
+            return optimizer, schedule  # not this router's: load_state_dict says what is wrong
+        # the saved ids follow router.parameters(), the order the single group was built in
+        code_id = old["params"][next(i for i, q in enumerate(params) if q is self.router.codes.logits)]
+        scale = self.p.code_lr_scale
+        rest = {**old, "params": [i for i in old["params"] if i != code_id]}
+        codes = {**old, "params": [code_id], "lr": old["lr"] * scale}
+        if "initial_lr" in old:
+            codes["initial_lr"] = old["initial_lr"] * scale
+        schedule = dict(schedule)
+        for key in ("base_lrs", "_last_lr"):
+            if isinstance(schedule.get(key), list) and len(schedule[key]) == 1:
+                schedule[key] = [schedule[key][0], schedule[key][0] * scale]
+        return {**optimizer, "param_groups": [rest, codes]}, schedule
 
     def checkpoint(self) -> None:
         if self.comm.rank == 0:

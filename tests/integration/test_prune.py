@@ -288,3 +288,39 @@ def test_code_lr_scale_moves_the_code_logits_faster(tiny_pipeline_dir, emb_cache
     assert diff.max() <= 3 * lr * (1 + 1e-4)
     assert diff.max() == pytest.approx(3 * lr, rel=1e-4)
     assert (diff > 2.9 * lr).float().mean() > 0.5  # most logits, not one
+
+
+def test_resume_from_a_one_group_checkpoint(tiny_pipeline_dir, emb_cache, tmp_path):
+    """Checkpoints written before prune.code_lr_scale hold one AdamW group for the whole router.
+    Resuming such a checkpoint splits the group (each parameter keeps its Adam moments) and trains
+    on exactly as a run that was never interrupted (at scale 1, what those runs trained with)."""
+    args = [*common(tiny_pipeline_dir, emb_cache, steps=6), "--set", "prune.keep_checkpoints=10", "--quiet"]
+    full = cli(*args, "--output", str(tmp_path / "full"))
+    assert full.exit_code == 0, full.output
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    for f in (tmp_path / "full").iterdir():  # the settings and the log, as the older run left them
+        if f.is_file() and f.name in ("settings.json", "metrics.jsonl"):
+            (old / f.name).write_bytes(f.read_bytes())
+    src = tmp_path / "full" / "checkpoints" / "step-000004"
+    dst = old / "checkpoints" / "step-000004"
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    state = torch.load(dst / "state.pt", weights_only=False)
+    rest, codes = state["optimizer"]["param_groups"]
+    assert rest["lr"] == codes["lr"]  # scale 1: the one group the older code had
+    ids = sorted(rest["params"] + codes["params"])  # codes.logits is the router's last parameter
+    assert codes["params"] == [ids[-1]]
+    state["optimizer"]["param_groups"] = [{**rest, "params": ids}]
+    for key in ("base_lrs", "_last_lr"):
+        state["lr_schedule"][key] = state["lr_schedule"][key][:1]
+    torch.save(state, dst / "state.pt")
+
+    resumed = cli(*args, "--resume", "--output", str(old))
+    assert resumed.exit_code == 0, resumed.output
+    a = load_file(str(tmp_path / "full" / "codes.safetensors"))["logits"]
+    b = load_file(str(old / "codes.safetensors"))["logits"]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    after = torch.load(old / "checkpoints" / "step-000008" / "state.pt", weights_only=False)
+    assert len(after["optimizer"]["param_groups"]) == 2
