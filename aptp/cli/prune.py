@@ -50,7 +50,7 @@ def prune(
     lr: Annotated[Optional[float], typer.Option(help="Base AdamW learning rate: x sqrt(global batch) unless --set prune.lr_scaling=none (paper: 2e-4).")] = None,
     prompt_encoder: Annotated[Optional[str], typer.Option(help="Sentence-transformer name or path.")] = None,
     optimal_transport: Annotated[Optional[bool], typer.Option("--optimal-transport/--no-optimal-transport", help="Sinkhorn routing while training. Off (the paper's ablation): nearest code while training and no assignment-consistency loss; contrastive, resource and distillation losses stay on.")] = None,
-    distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Output + block distillation against the teacher.")] = None,
+    distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Output + block distillation against the teacher while pruning. Off (the paper's ablation): the architecture search trains on the denoising loss alone; fine-tuning still distills (finetune.alpha_distill).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
