@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 __all__ = [
     "DataSettings",
@@ -94,8 +94,25 @@ class DataSettings(_Section):
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples; None = all.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = main process).")
     split: str = Field("train", description="Data set split to read.")
+    cache_latents: bool = Field(
+        False, description="Encode every training image with the VAE once and keep the latent distributions on disk "
+        "(data.latent_cache_dir), so pruning and fine-tuning skip the VAE encoder each step (about a fifth of a toy "
+        "step on the CPU). Needs a deterministic transform: center_crop true, random_flip false.")
+    latent_cache_dir: UserPath | None = Field(
+        None, description="Where data.cache_latents keeps its caches (one folder per data set and VAE); "
+        "None = ~/.cache/aptp/latents.")
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
+
+    @model_validator(mode="after")
+    def _cacheable(self) -> "DataSettings":
+        if self.cache_latents and self.random_flip:
+            raise ValueError("cache_latents: the latents of randomly flipped images cannot be cached; "
+                             "set data.random_flip=false or data.cache_latents=false")
+        if self.cache_latents and not self.center_crop:
+            raise ValueError("cache_latents: the latents of random crops cannot be cached; "
+                             "set data.center_crop=true or data.cache_latents=false")
+        return self
 
 
 class RouterSettings(_Section):

@@ -28,6 +28,7 @@ from aptp.io import atomic_write_json, prepare_output_dir
 from aptp.rundir import FINETUNED_DIR, RunDir
 from aptp.settings import Settings, write_settings
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
+from aptp.train.latents import open_latent_cache
 from aptp.train.diffusion import MinSnrWeights, add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
@@ -118,6 +119,8 @@ class ExpertTrainer:
         if not self.indices:
             raise AptpUserError(f"expert {k}: no training sample is routed to it; nothing to fine-tune")
         self.dataset = build_dataset(settings.data, seed=settings.seed)
+        self.latents = open_latent_cache(settings, self.teacher, self.dataset, is_main=self.acc.is_main_process,
+                                         barrier=self.acc.wait_for_everyone, batch_size=self.f.batch_size)
         self.snr_weights = None if self.f.snr_gamma is None else MinSnrWeights(self.teacher.noise_scheduler,
                                                                               self.f.snr_gamma)
         self.student = load_expert(run.expert_dir(k, "initial"), device=self.acc.device)
@@ -150,7 +153,7 @@ class ExpertTrainer:
         t, f = self.teacher, self.f
         b = len(batch["caption"])
         g = _gen(f.seed, 211, self.k, micro, self.acc.process_index)
-        mean, std = t.encode_images(batch["pixel_values"])
+        mean, std = t.encode_images(batch["pixel_values"]) if self.latents is None else self.latents.lookup(batch["index"])
         captions = list(batch["caption"])
         if f.caption_dropout > 0:  # its own stream: the default path draws exactly what it drew before
             drop = torch.rand(b, generator=_gen(f.seed, 223, self.k, micro, self.acc.process_index)) < f.caption_dropout

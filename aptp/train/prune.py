@@ -65,6 +65,7 @@ from aptp.router.losses import assignment_loss, contrastive_loss, global_mean, r
 from aptp.router.router import PromptRouter, save_router
 from aptp.settings import Settings, write_settings
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
+from aptp.train.latents import open_latent_cache
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
 from aptp.train.diffusion import MinSnrWeights, add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
@@ -124,6 +125,9 @@ class Pruner:
         self.macs = build_macs_model(t.denoiser, self.space, self.macs_resolution // t.vae_scale_factor,
                                      text_len=t.text_len)
         self.gates = Gates(t.denoiser, self.space)
+        self.latents = None if self.static else open_latent_cache(  # static methods train nothing
+            settings, t, self.dataset, is_main=self.comm.rank == 0,
+            barrier=lambda: self.comm.all_reduce(torch.zeros(1)), batch_size=self.p.batch_size)
         self.snr_weights = None if self.p.snr_gamma is None else MinSnrWeights(t.noise_scheduler, self.p.snr_gamma)
 
         captions = self.dataset.captions()
@@ -215,7 +219,8 @@ class Pruner:
         bg = self.global_batch
         mine = slice(rank * b, (rank + 1) * b)
         with torch.no_grad():
-            mean, std = t.encode_images(batch["pixel_values"])
+            mean, std = (t.encode_images(batch["pixel_values"]) if self.latents is None
+                         else self.latents.lookup(batch["index"]))
             text = t.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
         shape = mean.shape[1:]
         eps_vae = torch.randn((bg, *shape), generator=g)[mine].to(mean)

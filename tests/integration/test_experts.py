@@ -138,6 +138,30 @@ def test_finetune_caption_dropout_and_min_snr(run, tmp_path):
     assert losses["snr"] != pytest.approx(losses["base"], rel=1e-4)
 
 
+def test_finetune_with_cached_latents_trains_the_same(run, tmp_path, monkeypatch):
+    """data.cache_latents in fine-tuning: the posteriors come from the cache (every step reads it),
+    the losses are the VAE path's to rounding."""
+    from aptp.train.latents import LatentCache
+
+    calls = []
+    lookup = LatentCache.lookup
+    monkeypatch.setattr(LatentCache, "lookup", lambda self, index: calls.append(len(index)) or lookup(self, index))
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("finetune", "finetuned"))
+    experts = json.loads((copy / "experts.json").read_text())["experts"]
+    k = max(experts, key=lambda e: e["prompts"])["expert"]
+    losses = {}
+    for name, extra in (("vae", []), ("cached", ["--set", "data.cache_latents=true",
+                                                 "--set", f"data.latent_cache_dir={tmp_path / 'latents'}"])):
+        res = cli("finetune", str(copy), "--expert", str(k), "--steps", "3", "--batch-size", "4", "--overwrite",
+                  "--set", "finetune.log_every=1", "--quiet", *extra)
+        assert res.exit_code == 0, res.output
+        rows = (copy / "finetune" / f"expert-{k}" / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(x)["loss"] for x in rows]
+    assert calls == [4, 4, 4]
+    assert losses["cached"] == pytest.approx(losses["vae"], rel=1e-4)
+
+
 def test_finetune_split_steps_share_one_total(run, tmp_path):
     """finetune.steps_mode=split: `steps` in all, shared by routed samples (equal total compute)."""
     from aptp.rundir import RunDir

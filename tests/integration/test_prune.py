@@ -324,3 +324,29 @@ def test_resume_from_a_one_group_checkpoint(tiny_pipeline_dir, emb_cache, tmp_pa
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     after = torch.load(old / "checkpoints" / "step-000008" / "state.pt", weights_only=False)
     assert len(after["optimizer"]["param_groups"]) == 2
+
+
+def test_cached_latents_train_what_the_vae_trains(tiny_pipeline_dir, emb_cache, tmp_path, monkeypatch):
+    """data.cache_latents changes where the VAE posterior comes from, not what is trained: the same
+    losses step by step (to the rounding of the VAE run on other batches) and the same codes."""
+    from aptp.train.latents import LatentCache
+
+    calls = []
+    lookup = LatentCache.lookup
+    monkeypatch.setattr(LatentCache, "lookup", lambda self, index: calls.append(len(index)) or lookup(self, index))
+    base = common(tiny_pipeline_dir, emb_cache, steps=3) + ["--quiet"]
+    base[base.index("prune.lr=0.05")] = "prune.lr=0.0002"  # rounding noise is not amplified to lr/2 jumps
+    cache = tmp_path / "latents"
+    for name, extra in (("vae", []), ("cached", ["--set", "data.cache_latents=true",
+                                                 "--set", f"data.latent_cache_dir={cache}"])):
+        res = cli(*base, *extra, "--output", str(tmp_path / name))
+        assert res.exit_code == 0, res.output
+    a, b = metrics(tmp_path / "vae"), metrics(tmp_path / "cached")
+    assert len(a) == len(b) == 5
+    for ra, rb in zip(a, b):
+        for key in LOSSES:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-7), (ra["step"], key)
+    torch.testing.assert_close(load_file(str(tmp_path / "cached" / "codes.safetensors"))["logits"],
+                               load_file(str(tmp_path / "vae" / "codes.safetensors"))["logits"], atol=1e-5, rtol=1e-5)
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1  # 48 images, one cache
+    assert calls == [8] * 5  # every step of the cached run read the cache
