@@ -144,6 +144,9 @@ class PruneSettings(_Section):
     budget: float = Field(
         0.78, gt=0, le=1, description="Target MACs as a fraction of the base model (0 < b <= 1)."
     )
+    budget_tolerance: float = Field(
+        0.01, gt=0, description="How far the validation prompts' routed mean MACs ratio may end from the budget; "
+        "further, prune warns (routing.json: budget_met false).")
     method: Literal["aptp", "uni-arch", "uni-arch-paper", "weight-norm", "taylor", "bk-sdm"] = Field(
         "aptp",
         description="'aptp': prompt-routed experts; 'uni-arch': one learned architecture for all prompts, "

@@ -93,6 +93,11 @@ def prune(
                   f"aptp prune --output {result.run_dir} --resume", markup=False)
         raise typer.Exit(130)
     r = result.routing or {}
+    if r.get("budget_met") is False:  # on stderr, also with --quiet and --log-format json
+        err.print(f"warning: the experts end at {r['mean_macs_ratio']:.3f} of the teacher's MACs on the validation "
+                  f"prompts, {r['mean_macs_ratio'] - r['budget']:+.3f} from the budget {r['budget']} (tolerance "
+                  f"{r['budget_tolerance']}); prune longer (--steps), raise prune.lambda_res or, for the codes "
+                  "alone, prune.code_lr_scale", markup=False)
     summary = {"run_dir": str(result.run_dir), "step": result.step, **r}
     if s.log_format == "json":
         out.print_json(json.dumps(summary))

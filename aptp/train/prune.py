@@ -477,6 +477,8 @@ class Pruner:
         save_router(self.router, self.run_dir)
         routing = routing_report(self.router, self.macs, self._validation_captions(), self.budget)
         routing["macs_resolution"] = self.macs_resolution
+        routing["budget_tolerance"] = self.p.budget_tolerance
+        routing["budget_met"] = abs(routing["mean_macs_ratio"] - self.budget) <= self.p.budget_tolerance
         if self.static_report is not None:
             routing["static"] = self.static_report
         routing["skipped_images"] = self.skipped

@@ -350,3 +350,21 @@ def test_cached_latents_train_what_the_vae_trains(tiny_pipeline_dir, emb_cache, 
                                load_file(str(tmp_path / "vae" / "codes.safetensors"))["logits"], atol=1e-5, rtol=1e-5)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1  # 48 images, one cache
     assert calls == [8] * 5  # every step of the cached run read the cache
+
+
+def test_a_missed_budget_is_a_warning(tiny_pipeline_dir, emb_cache, tmp_path):
+    """One step of uni-arch-paper cannot leave keep-all: prune warns (stderr, also with --quiet) and
+    routing.json says budget_met false; weight-norm meets the budget by construction and does not warn."""
+    missed = cli(*common(tiny_pipeline_dir, emb_cache, steps=1, warmup=0), "--method", "uni-arch-paper",
+                 "--budget", "0.5", "--quiet", "--output", str(tmp_path / "missed"))
+    assert missed.exit_code == 0, missed.output
+    r = json.loads((tmp_path / "missed" / "routing.json").read_text())
+    assert r["budget_met"] is False and r["mean_macs_ratio"] > 0.9
+    warning = [line for line in missed.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "from the budget 0.5" in warning[0], missed.stderr
+    met = cli(*common(tiny_pipeline_dir, emb_cache), "--method", "weight-norm", "--budget", "0.5", "--quiet",
+              "--output", str(tmp_path / "met"))
+    assert met.exit_code == 0, met.output
+    r = json.loads((tmp_path / "met" / "routing.json").read_text())
+    assert r["budget_met"] is True and abs(r["mean_macs_ratio"] - 0.5) <= 0.01
+    assert "warning:" not in met.stderr
