@@ -19,11 +19,15 @@
 # finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done.
 # Environment knobs, for other models or a quick check:
 #   MODEL=toy BUDGET=0.78 FT_STEPS=300 LIMIT=500 GUIDANCES="3 7.5" GEN_BATCH=50 EVAL=1 TEACHER=1
+#   CACHE_LATENTS=1
 #   PRUNE_ARGS="..." FINETUNE_ARGS="..." EVAL_ARGS="..." (added to every prune / finetune / eval)
 #   APTP=aptp (the command), PYTHON (default: the python next to it)
-# On the 2-core CPU (toy U-Net): about 9 min per trained prune, 18 min per mixture fine-tuning
-# (8 x 300 steps), 2-3 min per static one, 1.5 min per model and guidance to generate; the whole
-# study is several hours, so run it in the background (nohup) and let each session continue it.
+# Times on the 2-core CPU (toy U-Net) depend on the CPU: with AVX-512 a mixture row (prune, fine-
+# tuning of 8 x 300 steps, images) took about 36 min with 2 threads; on an AVX2-only EPYC (Zen 3) a
+# pruning step takes 3.3 s instead of 0.7 s, so a mixture row is hours. Run it in the background
+# (nohup), keep OUT outside a work tree that may be laid anew, and let each session continue it.
+# CACHE_LATENTS=1 (default) adds data.cache_latents=true to every trained prune and fine-tuning:
+# the VAE encodes the training set once (tested equal to the per-step encoder to rounding).
 # Two instances on different rows (the second with TEACHER=0 EVAL=0) need OMP_NUM_THREADS=1 each:
 # one 2-thread job beside another process slowed its linear algebra up to 1000x (OpenMP waits);
 # two 1-thread fine-tunings gave 1.2x the throughput of one 2-thread job, two prunes none.
@@ -40,10 +44,15 @@ LIMIT=${LIMIT:-500}
 GUIDANCES=${GUIDANCES:-"3 7.5"}
 GEN_BATCH=${GEN_BATCH:-50}
 EVAL=${EVAL:-1}
+CACHE_LATENTS=${CACHE_LATENTS:-1}
 TEACHER=${TEACHER:-1}  # 0: no teacher images (a second instance on other rows, beside a first one)
 ROWS=${ROWS:-"wn taylor bk-sdm uni-paper uni aptp noot nodistill noot-nodistill"}
 read -r -a prune_extra <<< "${PRUNE_ARGS:-}"
 read -r -a finetune_extra <<< "${FINETUNE_ARGS:-}"
+if [ "$CACHE_LATENTS" = 1 ]; then
+  prune_extra+=(--set data.cache_latents=true)
+  finetune_extra+=(--set data.cache_latents=true)
+fi
 read -r -a eval_extra <<< "${EVAL_ARGS:-}"
 mkdir -p "$out/gen"
 log() { echo "[study $(date -u +%H:%M:%S)] $*"; }
