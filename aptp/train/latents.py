@@ -141,6 +141,9 @@ def build_latent_cache(teacher, dataset, dest: Path, *, batch_size: int = 64, nu
         np.save(tmp / "present.npy", present)
         (tmp / "meta.json").write_text(json.dumps({"count": n, "cached": int(present.sum()),
                                                    "dtype": "float32"}, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it a plain mkdir's permissions
         try:
             os.rename(tmp, dest)
         except OSError:
