@@ -177,14 +177,27 @@ def test_soft_nested_macs_are_products_of_gates(model):
     assert abs(macs.full - count_macs(make_tiny_unet(**SHAPES[name]), LATENT, text_len=TEXT)) < 1e-3
 
 
+def _same_weights(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
 def test_keep_all_and_save_load_identity(model, tmp_path):
+    """Keep-all and save → load give the very same weights (bit for bit) and outputs. The outputs
+    are compared to float32 rounding, not bit for bit: MKL's GEMM may round differently for the same
+    numbers at another memory alignment (seen on an AVX2-only EPYC: 1 ulp in one Linear, 1.6e-6
+    at the output), and a loaded copy's weights live at other addresses."""
     name, unet, space, _ = model
     sliced, plan = slice_unet(unet, space, torch.ones(space.size))
-    assert plan.ops == [] and torch.equal(run(sliced, name), run(unet, name))
+    assert plan.ops == []
+    _same_weights(sliced, unet)
+    assert_close(run(sliced, name), run(unet, name), atol=1e-5, rtol=1e-5)
     v = random_vectors(space, seed=5)[6]
     sliced, plan = slice_unet(unet, space, v)
     loaded = load_expert(save_expert(sliced, plan, tmp_path / "expert-0"))
-    assert torch.equal(run(loaded, name), run(sliced, name))
+    _same_weights(loaded, sliced)
+    assert_close(run(loaded, name), run(sliced, name), atol=1e-5, rtol=1e-5)
 
 
 def test_block_macs_sum_to_counted_on_a_nested_expert(model):
