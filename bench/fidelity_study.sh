@@ -22,7 +22,7 @@
 #   CACHE_LATENTS=1
 #   PRUNE_ARGS="..." FINETUNE_ARGS="..." EVAL_ARGS="..." (added to every prune / finetune / eval)
 #   APTP=aptp (the command), PYTHON (default: the python next to it)
-# Times on the 2-core CPU (toy U-Net) depend on the CPU: with AVX-512 a mixture row (prune, fine-
+# Times on the 2-core CPU (toy U-Net) depend on the CPU: on 2026-12-01's a mixture row (prune, fine-
 # tuning of 8 x 300 steps, images) took about 36 min with 2 threads; on an AVX2-only EPYC (Zen 3) a
 # pruning step takes 3.3 s instead of 0.7 s, so a mixture row is hours. Run it in the background
 # (nohup), keep OUT outside a work tree that may be laid anew, and let each session continue it.
