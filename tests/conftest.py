@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2 (pyproject): one thread per worker and its children
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # xdist's workers get COLUMNS=80 / LINES=24 (a fake terminal); the CLI's console would then
+    # wrap tables that it writes 240 wide into a pipe, as in a serial run
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
