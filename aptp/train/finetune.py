@@ -28,7 +28,7 @@ from aptp.io import atomic_write_json, prepare_output_dir
 from aptp.rundir import FINETUNED_DIR, RunDir
 from aptp.settings import Settings, write_settings
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
-from aptp.train.latents import open_latent_cache
+from aptp.train.latents import LatentCache, open_latent_cache
 from aptp.train.diffusion import MinSnrWeights, add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
@@ -105,7 +105,8 @@ class ExpertTrainer:
     """Fine-tunes one expert; ``run()`` trains, checkpoints and writes ``finetuned/expert-K``."""
 
     def __init__(self, run: RunDir, k: int, settings: Settings, *, teacher: Teacher | None = None,
-                 accelerator=None, log: Callable[[dict], None] | None = None, indices: list[int] | None = None):
+                 accelerator=None, log: Callable[[dict], None] | None = None, indices: list[int] | None = None,
+                 latents: LatentCache | None = None):
         from accelerate import Accelerator
 
         self.run_dir, self.k, self.s, self.f = run, k, settings, settings.finetune
@@ -119,8 +120,9 @@ class ExpertTrainer:
         if not self.indices:
             raise AptpUserError(f"expert {k}: no training sample is routed to it; nothing to fine-tune")
         self.dataset = build_dataset(settings.data, seed=settings.seed)
-        self.latents = open_latent_cache(settings, self.teacher, self.dataset, is_main=self.acc.is_main_process,
-                                         barrier=self.acc.wait_for_everyone, batch_size=self.f.batch_size)
+        self.latents = latents if latents is not None else open_latent_cache(
+            settings, self.teacher, self.dataset, is_main=self.acc.is_main_process,
+            barrier=self.acc.wait_for_everyone, batch_size=self.f.batch_size)
         self.snr_weights = None if self.f.snr_gamma is None else MinSnrWeights(self.teacher.noise_scheduler,
                                                                               self.f.snr_gamma)
         self.student = load_expert(run.expert_dir(k, "initial"), device=self.acc.device)
@@ -277,6 +279,10 @@ def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: 
     teacher = load_teacher(settings.model, device=acc.device)
     base = settings
     steps = expert_steps(run, base, acc.is_main_process, acc.wait_for_everyone)
+    # one cache for all experts (the data settings are shared): its key hashes the VAE and every caption
+    latents = None if not base.data.cache_latents else open_latent_cache(
+        base, teacher, build_dataset(base.data, seed=base.seed), is_main=acc.is_main_process,
+        barrier=acc.wait_for_everyone, batch_size=base.finetune.batch_size)
     for k in experts:
         settings = base.model_copy(update={"finetune": base.finetune.model_copy(update={"steps": steps[k]})})
         indices = routed_indices(run, k, acc.is_main_process, acc.wait_for_everyone, settings)
@@ -291,7 +297,8 @@ def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: 
                 raise AptpUserError(f"{final} exists; pass --overwrite to fine-tune expert {k} again or --resume")
             prepare_output_dir(work, overwrite=overwrite, resume=resume and work.exists())
         acc.wait_for_everyone()
-        trainer = ExpertTrainer(run, k, settings, teacher=teacher, accelerator=acc, log=log, indices=indices)
+        trainer = ExpertTrainer(run, k, settings, teacher=teacher, accelerator=acc, log=log, indices=indices,
+                                latents=latents)
         resumed = trainer.resume() if resume else False
         if acc.is_main_process and not resumed:
             write_settings(settings, work)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from aptp.errors import SettingsError
+from aptp.io import _current_umask
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class LatentCache:
 
         self.path = Path(path)
         self.device, self.dtype = torch.device(device), dtype
-        hint = f"delete {self.path} (it is rebuilt on the next run)"
+        self._hint = hint = f"delete {self.path} (it is rebuilt on the next run)"
         try:
             meta = read_json(self.path / "meta.json")
             self.mean = np.load(self.path / "mean.npy", mmap_mode="r")
@@ -99,8 +100,7 @@ class LatentCache:
             from aptp.rundir import damaged
 
             missing = [int(i) for i in idx if not (0 <= i < self.count and self.present[i])]
-            raise damaged(self.path, f"no latent for data-set index {missing[0]}",
-                          f"delete {self.path} (it is rebuilt on the next run)")
+            raise damaged(self.path, f"no latent for data-set index {missing[0]}", self._hint)
         mean = torch.from_numpy(np.ascontiguousarray(self.mean[idx]))
         std = torch.from_numpy(np.ascontiguousarray(self.std[idx]))
         return mean.to(self.device, self.dtype), std.to(self.device, self.dtype)
@@ -141,9 +141,7 @@ def build_latent_cache(teacher, dataset, dest: Path, *, batch_size: int = 64, nu
         np.save(tmp / "present.npy", present)
         (tmp / "meta.json").write_text(json.dumps({"count": n, "cached": int(present.sum()),
                                                    "dtype": "float32"}, indent=2))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it a plain mkdir's permissions
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; give it a plain mkdir's permissions
         try:
             os.rename(tmp, dest)
         except OSError:
