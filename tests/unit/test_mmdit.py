@@ -12,6 +12,7 @@ from importlib import resources
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from aptp.engine.backbones import backbone_for
 from aptp.engine.gates import Gates
@@ -293,7 +294,10 @@ def test_expert_save_load_is_identity(name, tmp_path):
         e, plan = slice_model(m, sp, v)
         save_expert(e, plan, tmp_path / f"e{k}")
         loaded = load_expert(tmp_path / f"e{k}")
-        assert torch.equal(run(loaded, x, t, c), run(e, x, t, c)), plan.ops
+        sl, se = loaded.state_dict(), e.state_dict()
+        assert sl.keys() == se.keys() and all(torch.equal(sl[k], se[k]) for k in sl), plan.ops
+        # outputs to float32 rounding: MKL may round a GEMM differently at another memory alignment
+        assert_close(run(loaded, x, t, c), run(e, x, t, c), atol=1e-5, rtol=1e-5)
         assert type(loaded).__name__ == type(m).__name__
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import pytest
+from torch.testing import assert_close
 
 from aptp.engine.backbones import backbone_for
 from aptp.engine.baselines import weight_norm_vector
@@ -141,7 +142,10 @@ def test_save_load_identity(model, space, inputs, tmp_path):
     save_expert(expert, plan, tmp_path / "e")
     back = load_expert(tmp_path / "e")
     assert type(back).__name__ == "PixArtTransformer2DModel"
-    assert torch.equal(run(back, x, t, c), run(expert, x, t, c))
+    sb, se = back.state_dict(), expert.state_dict()
+    assert sb.keys() == se.keys() and all(torch.equal(sb[k], se[k]) for k in sb)  # bit for bit
+    # outputs to float32 rounding: MKL may round a GEMM differently at another memory alignment
+    assert_close(run(back, x, t, c), run(expert, x, t, c), atol=1e-5, rtol=1e-5)
 
 
 def test_size_conditions_and_weight_norm():
