@@ -20,10 +20,18 @@ from aptp.settings import Settings, resolve_settings
 
 # Piped or redirected output has no terminal width; rich would then squeeze tables into 80
 # columns and cut every cell ("run…"). Give it room unless COLUMNS says otherwise.
-_PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 240
+_PIPE_WIDTH = 240
+
+
+def _fit_stdout() -> None:
+    """Decide the stdout console's width when a command runs, not when this module is imported
+    (a caller, a test runner or a shell wrapper may redirect stdout or set COLUMNS in between)."""
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    out.width = _PIPE_WIDTH if piped else None  # type: ignore[assignment]  # None: rich measures
+
 
 # machine-readable output goes to stdout, everything for humans to stderr
-out = Console(soft_wrap=True, highlight=False, width=_PIPE_WIDTH)
+out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 RecipeOpt = Annotated[
@@ -55,6 +63,7 @@ def command(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _fit_stdout()
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
