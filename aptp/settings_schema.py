@@ -91,7 +91,9 @@ class DataSettings(_Section):
     resolution: int = Field(64, description="Training image size in pixels (positive multiple of 8).")
     center_crop: bool = Field(True, description="Center-crop (else random-crop) to the resolution.")
     random_flip: bool = Field(False, description="Randomly flip images horizontally.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples; None = all.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Use at most this many samples; None = all. The generated shapes world's train split "
+        "grows to this size past its default 20,000 (a larger world, the first 20,000 samples unchanged).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = main process).")
     split: str = Field("train", description="Data set split to read.")
     cache_latents: bool = Field(

@@ -14,12 +14,15 @@
 #   aptp-per-expert (prune.resource_per=expert: every expert at the budget, no capacity shifted)
 #   aptp-cd / uni-cd (finetune.caption_dropout=0.1; the prune of aptp / uni is reused)
 #   aptp-split (finetune.steps_mode=split: the mixture's fine-tuning costs one static model's)
+#   aptp-big / uni-big (fine-tuned on a BIG-sample train split, default 125,000: every expert's
+#     routed share then holds about the 9,600 distinct samples of its 300 x 32 steps; the prune
+#     of aptp / uni is reused, so only what the fine-tuning sees changes)
 # SEEDS (default "0 1 2") are the prune seeds of aptp and uni; the other rows use seed 0.
 # Images go to OUT/gen/ROW-sSEED-gG (and OUT/gen/teacher-gG), so an interrupted study loses no
 # finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done.
 # Environment knobs, for other models or a quick check:
 #   MODEL=toy BUDGET=0.78 FT_STEPS=300 LIMIT=500 GUIDANCES="3 7.5" GEN_BATCH=50 EVAL=1 TEACHER=1
-#   CACHE_LATENTS=1
+#   CACHE_LATENTS=1 BIG=125000
 #   PRUNE_ARGS="..." FINETUNE_ARGS="..." EVAL_ARGS="..." (added to every prune / finetune / eval)
 #   APTP=aptp (the command), PYTHON (default: the python next to it)
 # Times on the 2-core CPU (toy U-Net) depend on the CPU: on 2026-12-01's a mixture row (prune, fine-
@@ -40,6 +43,7 @@ MODEL=${MODEL:-toy}
 BUDGET=${BUDGET:-0.78}
 SEEDS=${SEEDS:-"0 1 2"}
 FT_STEPS=${FT_STEPS:-300}
+BIG=${BIG:-125000}
 LIMIT=${LIMIT:-500}
 GUIDANCES=${GUIDANCES:-"3 7.5"}
 GEN_BATCH=${GEN_BATCH:-50}
@@ -74,6 +78,8 @@ spec() {  # "BASE|PRUNE FLAGS|FINETUNE FLAGS" of a row; BASE: the row whose prun
     aptp-cd) echo "aptp||--set finetune.caption_dropout=0.1" ;;
     uni-cd) echo "uni||--set finetune.caption_dropout=0.1" ;;
     aptp-split) echo "aptp||--set finetune.steps_mode=split" ;;
+    aptp-big) echo "aptp||--set data.max_samples=$BIG" ;;
+    uni-big) echo "uni||--set data.max_samples=$BIG" ;;
     *) echo "unknown row $1 (see the header of $0)" >&2; return 2 ;;
   esac
 }

@@ -90,8 +90,9 @@ class ShapesCaptions(CaptionDataset):
     Args:
         split: ``"train"`` or ``"validation"``.
         transform: Only its resolution is used.
-        max_samples: The first this many samples of the split (capped at the split size); None
-            for the whole split.
+        max_samples: The first this many samples of the split; None for the whole split. The
+            validation split is capped at its 2,000; the train split grows past its default
+            20,000 (the world generates as many as asked, the first 20,000 unchanged).
         seed: World seed.
     """
 
@@ -101,6 +102,8 @@ class ShapesCaptions(CaptionDataset):
                  seed: int = 0) -> None:
         super().__init__(transform)
         world = ShapesWorld(seed)
+        if split == "train" and max_samples is not None and max_samples > world.split_size(split):
+            world = ShapesWorld(seed, train_size=max_samples)  # the generated world has more to give
         total = world.split_size(split)
         size = total if max_samples is None else min(max_samples, total)
         self.shapes = ShapesDataset(split, size=size, resolution=transform.resolution, world=world)

@@ -474,23 +474,32 @@ class ShapesWorld:
 
     Args:
         seed: Non-negative integer; different seeds give different worlds.
+        train_size: Samples in the train split (default 20,000). A sample is a pure function of
+            (seed, split, index), so a larger train split keeps the default one as its first
+            20,000 samples and never meets the validation split.
 
     Raises:
-        ValueError: If ``seed`` is negative or not an integer.
+        ValueError: If ``seed`` is negative or not an integer, or ``train_size`` is not positive.
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, train_size: int | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, (int, np.integer))
+                                       or train_size < 1):
+            raise ValueError(f"train_size must be a positive integer, got {train_size!r}")
         self.seed = int(seed)
+        self.sizes = {**SPLIT_SIZES, **({} if train_size is None else {"train": int(train_size)})}
 
     def __repr__(self) -> str:
-        return f"ShapesWorld(seed={self.seed})"
+        extra = "" if self.sizes == SPLIT_SIZES else f", train_size={self.sizes['train']}"
+        return f"ShapesWorld(seed={self.seed}{extra})"
 
     def split_size(self, split: str) -> int:
-        """Returns the number of samples in ``split`` (``train``: 20,000, ``validation``: 2,000)."""
+        """Returns the number of samples in ``split`` (``train``: 20,000 unless the world was built
+        with another ``train_size``; ``validation``: 2,000)."""
         self._split_id(split)
-        return SPLIT_SIZES[split]
+        return self.sizes[split]
 
     def _split_id(self, split: str) -> int:
         if split not in SPLIT_IDS:
@@ -499,8 +508,8 @@ class ShapesWorld:
 
     def _check_index(self, split: str, index: int) -> int:
         split_id = self._split_id(split)
-        if not 0 <= index < SPLIT_SIZES[split]:
-            raise IndexError(f"index {index} out of range for split {split!r} of size {SPLIT_SIZES[split]}")
+        if not 0 <= index < self.sizes[split]:
+            raise IndexError(f"index {index} out of range for split {split!r} of size {self.sizes[split]}")
         return split_id
 
     def tier(self, split: str, index: int) -> str:

@@ -423,6 +423,28 @@ def test_shapes_through_the_common_interface():
         build_dataset(settings("shapes", random_flip=True))
 
 
+def test_a_larger_shapes_train_split_extends_the_default_one():
+    """data.max_samples past 20,000 draws more of the generated world: the default split is its
+    prefix, the new samples are new scenes (not a wrap-around), and validation is untouched."""
+    big = build_dataset(settings("shapes", max_samples=20_040))
+    assert len(big) == 20_040
+    default = ShapesWorld(0)
+    world = big.shapes.world
+    assert [world.attributes("train", i) for i in (0, 7, 19_999)] == \
+        [default.attributes("train", i) for i in (0, 7, 19_999)]
+    new = [world.attributes("train", i) for i in range(20_000, 20_040)]
+    assert all(a != default.attributes("train", i) for i, a in enumerate(new))
+    assert sorted(a["tier"] for a in new) == sorted(["easy"] * 10 + ["medium"] * 12 + ["hard"] * 10 + ["hardest"] * 8)
+    again = ShapesDataset("train", world=ShapesWorld(0, train_size=30_000), resolution=big.shapes.resolution)
+    assert torch.equal(big[20_039]["pixel_values"], again[20_039]["pixel_values"])  # a pure function of the index
+    with pytest.raises(IndexError):
+        default.attributes("train", 20_000)
+    assert len(build_dataset(settings("shapes", max_samples=20_040), split="val")) == 2000
+    assert repr(world) == "ShapesWorld(seed=0, train_size=20040)" and repr(default) == "ShapesWorld(seed=0)"
+    with pytest.raises(ValueError, match="train_size"):
+        ShapesWorld(0, train_size=0)
+
+
 def test_captions_never_decode_images(monkeypatch, coco_root, cc3m_tsv_root, shard_root, tmp_path):
     folder = export_image_folder(tmp_path / "folder", "train", 3)
     datasets = [build_dataset(settings("coco", coco_root)), build_dataset(settings("cc3m", cc3m_tsv_root)),
