@@ -237,6 +237,10 @@ def _statistic(metric: str, data: Any, cmmd_estimator: str):
     return mean_statistic(data)
 
 
+# set-level statistics whose bootstrap draws are biased by repeated images (see aptp.metrics.bootstrap)
+RESAMPLING_BIASED = ("fid", "cmmd")
+
+
 def add_intervals(rows: list[dict[str, Any]], distributions: list[dict[str, torch.Tensor]],
                   reference_index: int, resamples: int, seed: int) -> None:
     """Add to each row ``bootstrap = {"reference", "resamples", "seed", "metrics": {metric:
@@ -248,9 +252,10 @@ def add_intervals(rows: list[dict[str, Any]], distributions: list[dict[str, torc
     for row, dist in zip(rows, distributions):
         per = {}
         for metric, d in dist.items():
-            entry = {**summary(row[metric], d), "resamples": int(d.numel())}
+            centre = metric in RESAMPLING_BIASED
+            entry = {**summary(row[metric], d, centre=centre), "resamples": int(d.numel())}
             if metric in ref_dist:
-                entry.update(paired_summary(row[metric], ref_row[metric], d, ref_dist[metric]))
+                entry.update(paired_summary(row[metric], ref_row[metric], d, ref_dist[metric], centre=centre))
             per[metric] = entry
         row["bootstrap"] = {"reference": ref_row["target"], "resamples": resamples, "seed": seed, "metrics": per}
 

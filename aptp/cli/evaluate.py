@@ -58,6 +58,8 @@ def flat_row(r: dict) -> dict:
         flat["reference"] = boot["reference"]
         for m, b in boot["metrics"].items():
             flat[f"{m}_ci95_lo"], flat[f"{m}_ci95_hi"] = b["ci95"]
+            if "bootstrap_bias" in b:
+                flat[f"{m}_bootstrap_bias"] = b["bootstrap_bias"]
             if "delta" in b:
                 flat[f"{m}_delta"] = b["delta"]
                 flat[f"{m}_delta_ci95_lo"], flat[f"{m}_delta_ci95_hi"] = b["delta_ci95"]

@@ -337,6 +337,8 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
         assert r["clip"] == pytest.approx(sum(r["per_image"]["clip"]) / 4)
         for m, b in boot["metrics"].items():
             assert b["value"] == r[m] and b["ci95"][0] <= b["ci95"][1]
+            # FD / CMMD: the draws' repeated-image bias taken out before the quantiles are read
+            assert ("bootstrap_bias" in b) == (m in ("fid", "cmmd"))
             assert b["delta"] == pytest.approx(r[m] - rows[1][m])
             assert b["delta_ci95"][0] <= b["delta_ci95"][1]
     assert all(b["delta"] == 0 and b["delta_ci95"] == [0, 0] for b in rows[1]["bootstrap"]["metrics"].values())
@@ -344,7 +346,8 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     assert rows[2]["bootstrap"]["metrics"]["clip"]["delta_ci95"] == pytest.approx(
         rows[0]["bootstrap"]["metrics"]["clip"]["delta_ci95"], abs=1.0)
     header = (tmp_path / "eval" / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"reference", "clip_ci95_lo", "clip_ci95_hi", "clip_delta", "clip_delta_ci95_lo", "fid_delta_ci95_hi"} <= set(header)
+    assert {"reference", "clip_ci95_lo", "clip_ci95_hi", "clip_delta", "clip_delta_ci95_lo", "fid_delta_ci95_hi",
+            "fid_bootstrap_bias"} <= set(header)
     assert [r["kind"] for r in rows] == ["run", "model", "images", "images", "run"]
     assert rows[4]["target"] == f"{run}@initial" and rows[4]["macs_ratio"] == rows[0]["macs_ratio"]
     rows = rows[:4]
