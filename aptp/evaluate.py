@@ -37,6 +37,11 @@ class Target:
     weights: str = "auto"  # runs: auto (fine-tuned if present), initial (as materialized) or finetuned
 
 
+# metrics scored per image (bootstrapped as means); the others (FD, CMMD) are set statistics,
+# recomputed per draw and centred on their value (aptp.metrics.bootstrap)
+PER_PROMPT = ("clip", "pickscore")
+
+
 def _split_weights(target: str) -> tuple[Path, str | None]:
     """(path, weights) of ``RUN@initial|finetuned``; (path, None) for anything else, including
     an existing folder whose name merely ends so."""
@@ -215,7 +220,7 @@ def _per_image(kept: dict[str, torch.Tensor], metrics: list[str], clip, fid, dat
 
     out: dict[str, Any] = {}
     fidnet = fid if fid is not None else clip
-    for m in ("clip", "pickscore"):
+    for m in PER_PROMPT:
         if m in metrics:
             out[m] = kept[m].detach().to(torch.float64).cpu()
     if "cmmd" in metrics:
@@ -237,10 +242,6 @@ def _statistic(metric: str, data: Any, cmmd_estimator: str):
     return mean_statistic(data)
 
 
-# set-level statistics whose bootstrap draws are biased by repeated images (see aptp.metrics.bootstrap)
-RESAMPLING_BIASED = ("fid", "cmmd")
-
-
 def add_intervals(rows: list[dict[str, Any]], distributions: list[dict[str, torch.Tensor]],
                   reference_index: int, resamples: int, seed: int) -> None:
     """Add to each row ``bootstrap = {"reference", "resamples", "seed", "metrics": {metric:
@@ -252,7 +253,7 @@ def add_intervals(rows: list[dict[str, Any]], distributions: list[dict[str, torc
     for row, dist in zip(rows, distributions):
         per = {}
         for metric, d in dist.items():
-            centre = metric in RESAMPLING_BIASED
+            centre = metric not in PER_PROMPT  # set statistics: their draws are biased by repeated images
             entry = {**summary(row[metric], d, centre=centre), "resamples": int(d.numel())}
             if metric in ref_dist:
                 entry.update(paired_summary(row[metric], ref_row[metric], d, ref_dist[metric], centre=centre))
@@ -303,17 +304,17 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
                                  cmmd_estimator=e.cmmd_estimator, keep=kept)
         row = {"target": t.name, "kind": t.kind, **info,
                **scores, "cmmd_estimator": e.cmmd_estimator}
-        wanted = list(e.metrics) if indices is not None else [m for m in e.metrics if m in ("clip", "pickscore")]
+        wanted = list(e.metrics) if indices is not None else [m for m in e.metrics if m in PER_PROMPT]
         data = _per_image(kept, wanted, clip, fid, f"{key}@{e.resolution}px", load_real)
         if tiers is not None and "clip" in data:
             for tier in dict.fromkeys(tiers):
                 mask = torch.tensor([x == tier for x in tiers])
                 row[f"clip_{tier}"] = float(data["clip"][mask].mean())
-        row["per_image"] = {m: [float(x) for x in data[m]] for m in ("clip", "pickscore") if m in data}
+        row["per_image"] = {m: [float(x) for x in data[m]] for m in PER_PROMPT if m in data}
         if indices is not None:
             # per-prompt means are cheap; FD / CMMD recompute a set statistic per draw, so they take
             # the first eval.bootstrap_sets draws (the same ones for every target: still paired)
-            draws = {m: indices if m in ("clip", "pickscore") else indices[: e.bootstrap_sets] for m in e.metrics}
+            draws = {m: indices if m in PER_PROMPT else indices[: e.bootstrap_sets] for m in e.metrics}
             distributions.append({m: bootstrap_distribution(_statistic(m, data[m], e.cmmd_estimator), draws[m])
                                   for m in e.metrics if m in data and len(draws[m])})
         rows.append(row)

@@ -38,8 +38,8 @@ LABELS = {
     "aptp-cd": "APTP, finetune.caption_dropout=0.1",
     "uni-cd": "Uni-Arch (warm-started), finetune.caption_dropout=0.1",
     "aptp-split": "APTP, finetune.steps_mode=split (one static model's fine-tuning compute)",
-    "aptp-big": "APTP, fine-tuned on a 125,000-sample train split",
-    "uni-big": "Uni-Arch (warm-started), fine-tuned on a 125,000-sample train split",
+    "aptp-big": "APTP, fine-tuned on the larger train split (fidelity_study.sh BIG, default 125,000)",
+    "uni-big": "Uni-Arch (warm-started), fine-tuned on the larger train split (BIG)",
     "real": "real validation images",
 }
 TIERS = ("easy", "medium", "hard", "hardest")

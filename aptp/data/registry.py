@@ -26,7 +26,7 @@ from aptp.data.cc3m import open_cc3m
 from aptp.data.coco import CaptionMode, CocoCaptions
 from aptp.data.common import CaptionDataset, ImageTransform, canonical_split
 from aptp.data.imagefolder import ImageFolder
-from aptp.data.shapes import ShapesDataset, ShapesWorld, caption_from_attributes
+from aptp.data.shapes import SPLIT_SIZES, ShapesDataset, ShapesWorld, caption_from_attributes
 from aptp.errors import DataError
 from aptp.settings import DataSettings
 
@@ -101,9 +101,8 @@ class ShapesCaptions(CaptionDataset):
     def __init__(self, split: str, transform: ImageTransform, max_samples: int | None = None,
                  seed: int = 0) -> None:
         super().__init__(transform)
-        world = ShapesWorld(seed)
-        if split == "train" and max_samples is not None and max_samples > world.split_size(split):
-            world = ShapesWorld(seed, train_size=max_samples)  # the generated world has more to give
+        grow = split == "train" and max_samples is not None and max_samples > SPLIT_SIZES["train"]
+        world = ShapesWorld(seed, train_size=max_samples if grow else None)  # the generated world has more to give
         total = world.split_size(split)
         size = total if max_samples is None else min(max_samples, total)
         self.shapes = ShapesDataset(split, size=size, resolution=transform.resolution, world=world)

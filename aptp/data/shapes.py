@@ -469,6 +469,10 @@ if len(_TIER_BLOCK) != TIER_BLOCK_SIZE:
     raise ValueError(f"TIER_COUNTS {TIER_COUNTS} must sum to TIER_BLOCK_SIZE={TIER_BLOCK_SIZE}")
 
 
+def _is_int(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, np.integer))
+
+
 class ShapesWorld:
     """The shapes world for one seed: fixed splits of random-access, deterministic samples.
 
@@ -483,10 +487,9 @@ class ShapesWorld:
     """
 
     def __init__(self, seed: int = 0, train_size: int | None = None) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, (int, np.integer))
-                                       or train_size < 1):
+        if train_size is not None and (not _is_int(train_size) or train_size < 1):
             raise ValueError(f"train_size must be a positive integer, got {train_size!r}")
         self.seed = int(seed)
         self.sizes = {**SPLIT_SIZES, **({} if train_size is None else {"train": int(train_size)})}
