@@ -86,7 +86,7 @@ def tiers_of(settings: Settings, n: int) -> list[str] | None:
     """Difficulty tier of each evaluation sample (the shapes world only)."""
     if settings.data.name != "shapes":
         return None
-    from aptp.data.shapes import ShapesWorld
+    from aptp.data.shapes_world import ShapesWorld
 
     world = ShapesWorld(settings.seed)
     return [world.tier(settings.eval.split, i) for i in range(n)]

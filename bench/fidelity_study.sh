@@ -103,7 +103,7 @@ for row in $ROWS; do spec "$row" > /dev/null || exit 2; done  # every row known 
 real="$out/real"
 if [ ! -f "$real/metadata.jsonl" ]; then
   log "export $LIMIT real validation images to $real"
-  "$PY" -c "import sys; from aptp.data.shapes import export_image_folder; export_image_folder(sys.argv[1], 'validation', int(sys.argv[2]))" \
+  "$PY" -c "import sys; from aptp.data.shapes_world import export_image_folder; export_image_folder(sys.argv[1], 'validation', int(sys.argv[2]))" \
     "$real" "$LIMIT"
 fi
 [ -f "$out/prompts.txt" ] || "$PY" -c "import json, sys; print(''.join(json.loads(l)['text'] + '\n' for l in open(sys.argv[1]) if l.strip()), end='')" \

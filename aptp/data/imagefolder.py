@@ -10,8 +10,8 @@ Each line needs ``file_name`` (the image path relative to the folder of ``metada
 ``PATH/metadata.jsonl`` is absent, ``PATH/<split>/metadata.jsonl`` is used (``train/``, or
 ``validation/`` then ``val/``), the Hugging Face split convention. Items keep the order of the
 lines; lines with an empty caption are left out. When every line carries a string ``tier`` and
-an ``attributes`` value (folders written by :func:`aptp.data.shapes.export_image_folder` do),
-items carry them too, ``attributes`` as a JSON string, as :class:`~aptp.data.shapes.ShapesDataset`
+an ``attributes`` value (folders written by :func:`aptp.data.shapes_world.export_image_folder` do),
+items carry them too, ``attributes`` as a JSON string, as :class:`~aptp.data.shapes_world.ShapesDataset`
 returns them.
 """
 

@@ -26,7 +26,8 @@ from aptp.data.cc3m import open_cc3m
 from aptp.data.coco import CaptionMode, CocoCaptions
 from aptp.data.common import CaptionDataset, ImageTransform, canonical_split
 from aptp.data.imagefolder import ImageFolder
-from aptp.data.shapes import SPLIT_SIZES, ShapesDataset, ShapesWorld, caption_from_attributes
+from aptp.data.shapes import SPLIT_SIZES, caption_from_attributes
+from aptp.data.shapes_world import ShapesDataset, ShapesWorld
 from aptp.errors import DataError
 from aptp.settings import DataSettings
 

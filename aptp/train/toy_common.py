@@ -27,7 +27,8 @@ import torch
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from aptp.data.shapes import TIERS, ShapesWorld
+from aptp.data.shapes import TIERS
+from aptp.data.shapes_world import ShapesWorld
 from aptp.errors import SettingsError
 from aptp.io import atomic_path, atomic_write_json
 from aptp.models import toy

@@ -316,7 +316,7 @@ def test_eval_side_by_side(run, tiny_pipeline_dir, tmp_path):
     gen = cli("generate", str(run), "--prompts", "-", "--output", str(tmp_path / "gen"), "--steps", "2", "--quiet",
               input="\n".join(_validation_captions(run, 4)) + "\n")
     assert gen.exit_code == 0, gen.output
-    from aptp.data.shapes import export_image_folder
+    from aptp.data.shapes_world import export_image_folder
 
     export_image_folder(tmp_path / "real", "validation", 4)  # an imagefolder (metadata.jsonl) target
     res = cli("eval", str(run), str(tiny_pipeline_dir), str(tmp_path / "gen"), str(tmp_path / "real"), f"{run}@initial",

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from aptp.data import CaptionDataset, ImageTransform, build_dataset
 from aptp.data.cc3m import CC3MTsv, Img2DatasetFolder
-from aptp.data.shapes import ShapesDataset, ShapesWorld, export_image_folder
+from aptp.data.shapes_world import ShapesDataset, ShapesWorld, export_image_folder
 from aptp.data.shards import WebDatasetShards
 from aptp.errors import DataError
 from aptp.settings import DataSettings
@@ -451,7 +451,7 @@ def test_captions_never_decode_images(monkeypatch, coco_root, cc3m_tsv_root, sha
                 build_dataset(settings("cc3m", shard_root)), build_dataset(settings(str(folder))),
                 build_dataset(settings("shapes", max_samples=3))]
     forbid_decoding(monkeypatch)
-    monkeypatch.setattr("aptp.data.shapes.render", lambda *a, **k: pytest.fail("captions() rendered"))
+    monkeypatch.setattr("aptp.data.shapes_world.render", lambda *a, **k: pytest.fail("captions() rendered"))
     for ds in datasets:
         assert len(ds.captions()) == len(ds) > 0
 

@@ -23,13 +23,11 @@ from aptp.data.shapes import (
     TIER_MIX,
     TIERS,
     WORDS,
-    ShapesDataset,
-    ShapesWorld,
     caption_from_attributes,
-    export_image_folder,
     render,
     sample_attributes,
 )
+from aptp.data.shapes_world import ShapesDataset, ShapesWorld, export_image_folder
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from aptp.data.shapes import ShapesWorld
+from aptp.data.shapes_world import ShapesWorld
 from aptp.errors import ModelNotFoundError, SettingsError
 from aptp.models import toy
 from aptp.train import toy as train_toy
