@@ -28,7 +28,7 @@ from aptp.io import atomic_write_json, prepare_output_dir
 from aptp.rundir import FINETUNED_DIR, RunDir
 from aptp.settings import Settings, write_settings
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
-from aptp.train.latents import LatentCache, open_latent_cache
+from aptp.train.latents import TrainingSet, open_training_set
 from aptp.train.diffusion import MinSnrWeights, add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
@@ -106,7 +106,7 @@ class ExpertTrainer:
 
     def __init__(self, run: RunDir, k: int, settings: Settings, *, teacher: Teacher | None = None,
                  accelerator=None, log: Callable[[dict], None] | None = None, indices: list[int] | None = None,
-                 latents: LatentCache | None = None):
+                 data: TrainingSet | None = None):
         from accelerate import Accelerator
 
         self.run_dir, self.k, self.s, self.f = run, k, settings, settings.finetune
@@ -119,10 +119,11 @@ class ExpertTrainer:
         self.indices = indices
         if not self.indices:
             raise AptpUserError(f"expert {k}: no training sample is routed to it; nothing to fine-tune")
-        self.dataset = build_dataset(settings.data, seed=settings.seed)
-        self.latents = latents if latents is not None else open_latent_cache(
-            settings, self.teacher, self.dataset, is_main=self.acc.is_main_process,
-            barrier=self.acc.wait_for_everyone, batch_size=self.f.batch_size)
+        # the data set, its latent cache and the view the loop reads (shared by the experts of one run)
+        self.data = data or open_training_set(settings, self.teacher, build_dataset(settings.data, seed=settings.seed),
+                                              is_main=self.acc.is_main_process, barrier=self.acc.wait_for_everyone,
+                                              batch_size=self.f.batch_size)
+        self.dataset, self.latents = self.data.dataset, self.data.latents
         self.snr_weights = None if self.f.snr_gamma is None else MinSnrWeights(self.teacher.noise_scheduler,
                                                                               self.f.snr_gamma)
         self.student = load_expert(run.expert_dir(k, "initial"), device=self.acc.device)
@@ -146,8 +147,9 @@ class ExpertTrainer:
         sampler = GlobalBatchSampler(self.indices, f.batch_size, self.acc.num_processes, self.acc.process_index,
                                      f.seed, start=self.step * f.grad_accum, stop=f.steps * f.grad_accum,
                                      stream=53 + self.k)
-        for batch in batch_loader(self.dataset, sampler, self.s.data.num_workers):
-            batch["pixel_values"] = batch["pixel_values"].to(self.acc.device)
+        for batch in batch_loader(self.data.items, sampler, self.s.data.num_workers):
+            if self.latents is None:
+                batch["pixel_values"] = batch["pixel_values"].to(self.acc.device)
             batch["skipped"] = int(batch["skipped"].sum()) if "skipped" in batch else 0
             yield batch
 
@@ -155,12 +157,15 @@ class ExpertTrainer:
         t, f = self.teacher, self.f
         b = len(batch["caption"])
         g = _gen(f.seed, 211, self.k, micro, self.acc.process_index)
-        mean, std = t.encode_images(batch["pixel_values"]) if self.latents is None else self.latents.lookup(batch["index"])
+        if self.latents is None:
+            (mean, std), size = t.encode_images(batch["pixel_values"]), tuple(batch["pixel_values"].shape[-2:])
+        else:
+            (mean, std), size = self.latents.lookup(batch["index"]), self.data.items.image_size
         captions = list(batch["caption"])
         if f.caption_dropout > 0:  # its own stream: the default path draws exactly what it drew before
             drop = torch.rand(b, generator=_gen(f.seed, 223, self.k, micro, self.acc.process_index)) < f.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        text = t.encode_text(captions, size=tuple(batch["pixel_values"].shape[-2:]))
+        text = t.encode_text(captions, size=size)
         latents = mean + std * torch.randn(mean.shape, generator=g).to(mean)
         noise = torch.randn(mean.shape, generator=g).to(mean)
         steps = sample_timesteps(t.noise_scheduler, b, generator=g).to(mean.device)  # DDPM ints or flow σ·N
@@ -279,10 +284,9 @@ def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: 
     teacher = load_teacher(settings.model, device=acc.device)
     base = settings
     steps = expert_steps(run, base, acc.is_main_process, acc.wait_for_everyone)
-    # one cache for all experts (the data settings are shared): its key hashes the VAE and every caption
-    latents = None if not base.data.cache_latents else open_latent_cache(
-        base, teacher, build_dataset(base.data, seed=base.seed), is_main=acc.is_main_process,
-        barrier=acc.wait_for_everyone, batch_size=base.finetune.batch_size)
+    # one data set and latent cache for all experts (the data settings are shared)
+    data = open_training_set(base, teacher, build_dataset(base.data, seed=base.seed), is_main=acc.is_main_process,
+                             barrier=acc.wait_for_everyone, batch_size=base.finetune.batch_size)
     for k in experts:
         settings = base.model_copy(update={"finetune": base.finetune.model_copy(update={"steps": steps[k]})})
         indices = routed_indices(run, k, acc.is_main_process, acc.wait_for_everyone, settings)
@@ -298,7 +302,7 @@ def finetune(run: RunDir, settings: Settings, experts: list[int], *, overwrite: 
             prepare_output_dir(work, overwrite=overwrite, resume=resume and work.exists())
         acc.wait_for_everyone()
         trainer = ExpertTrainer(run, k, settings, teacher=teacher, accelerator=acc, log=log, indices=indices,
-                                latents=latents)
+                                data=data)
         resumed = trainer.resume() if resume else False
         if acc.is_main_process and not resumed:
             write_settings(settings, work)

@@ -15,6 +15,8 @@ image (name, root, split, resolution, crop, max_samples), its length and caption
 weights and config. It is built into a temporary folder and renamed into place, so an interrupted
 build leaves nothing half-written and two runs building the same key at once keep one copy.
 Only deterministic transforms can be cached: the settings refuse ``data.random_flip`` and random crops.
+With a cache the training loops read :class:`CachedItems` instead of the data set: the caption and
+index of each item, no image decoded or rendered.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from aptp.errors import SettingsError
 from aptp.io import _current_umask
@@ -106,6 +110,40 @@ class LatentCache:
         return mean.to(self.device, self.dtype), std.to(self.device, self.dtype)
 
 
+class CachedItems(Dataset):
+    """The training set as a loop with cached latents reads it: item ``i`` is ``caption``, ``index``
+    and ``skipped``, as the data set returns them, without its image (the posterior is
+    ``cache.lookup(index)``). An item the cache lacks (its image was unreadable when the cache was
+    built) is read from the data set, which returns its stand-in, as it did for the cache.
+
+    Args:
+        dataset: The data set the cache was built from.
+        cache: Its latent cache.
+        captions: ``dataset.captions()``, when the caller has it already.
+    """
+
+    def __init__(self, dataset: Dataset, cache: LatentCache, captions: list[str] | None = None):
+        self.dataset, self.present = dataset, cache.present
+        self.captions = list(dataset.captions() if captions is None else captions)
+        if len(self.captions) != len(dataset) or cache.count != len(dataset):
+            from aptp.rundir import damaged
+
+            raise damaged(cache.path, f"it holds {cache.count} items, the data set {len(dataset)}", cache._hint)
+        first = np.flatnonzero(self.present)
+        # every cached image has one size (the settings ask for a centre crop to data.resolution)
+        self.image_size: tuple[int, int] = (tuple(dataset[int(first[0])]["pixel_values"].shape[-2:])
+                                            if len(first) else (0, 0))
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.present[index]:
+            return {"caption": self.captions[index], "index": index, "skipped": 0}
+        item = self.dataset[index]
+        return {"caption": item["caption"], "index": item["index"], "skipped": item.get("skipped", 0)}
+
+
 def build_latent_cache(teacher, dataset, dest: Path, *, batch_size: int = 64, num_workers: int = 0,
                        progress: Callable[[int, int], None] | None = None) -> Path:
     """Encode every image of ``dataset`` once into ``dest`` (atomic: a temporary folder renamed)."""
@@ -169,3 +207,20 @@ def open_latent_cache(settings, teacher, dataset, *, is_main: bool = True, barri
     barrier()
     vae = teacher.vae
     return LatentCache(path, device=vae.device, dtype=vae.dtype)
+
+
+@dataclass
+class TrainingSet:
+    """The training data as a loop reads it: ``items`` is ``dataset`` itself, or its
+    :class:`CachedItems` view when ``latents`` holds the data set's posteriors."""
+
+    dataset: Dataset
+    latents: LatentCache | None
+    items: Dataset
+
+
+def open_training_set(settings, teacher, dataset, *, is_main: bool = True, barrier: Callable[[], None] = lambda: None,
+                      batch_size: int = 64, captions: list[str] | None = None) -> TrainingSet:
+    """``dataset`` with its latent cache (:func:`open_latent_cache`) and the view the loop reads."""
+    latents = open_latent_cache(settings, teacher, dataset, is_main=is_main, barrier=barrier, batch_size=batch_size)
+    return TrainingSet(dataset, latents, dataset if latents is None else CachedItems(dataset, latents, captions))

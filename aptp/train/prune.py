@@ -65,7 +65,7 @@ from aptp.router.losses import assignment_loss, contrastive_loss, global_mean, r
 from aptp.router.router import PromptRouter, save_router
 from aptp.settings import Settings, write_settings
 from aptp.train.batches import GlobalBatchSampler, batch_loader, generator as _gen
-from aptp.train.latents import open_latent_cache
+from aptp.train.latents import open_training_set
 from aptp.train.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_sigint
 from aptp.train.diffusion import MinSnrWeights, add_noise, diffusion_target, sample_timesteps
 from aptp.train.distill import capture_blocks, distill_loss, per_sample_mse
@@ -125,12 +125,16 @@ class Pruner:
         self.macs = build_macs_model(t.denoiser, self.space, self.macs_resolution // t.vae_scale_factor,
                                      text_len=t.text_len)
         self.gates = Gates(t.denoiser, self.space)
-        self.latents = None if self.static else open_latent_cache(  # static methods train nothing
-            settings, t, self.dataset, is_main=self.comm.rank == 0,
-            barrier=lambda: self.comm.all_reduce(torch.zeros(1)), batch_size=self.p.batch_size)
+        captions = self.dataset.captions()
+        # what the loop reads: with cached latents, the captions and indices alone (no image decoded)
+        self.items, self.latents = self.dataset, None
+        if not self.static:  # static methods train nothing
+            data = open_training_set(settings, t, self.dataset, is_main=self.comm.rank == 0,
+                                     barrier=lambda: self.comm.all_reduce(torch.zeros(1)),
+                                     batch_size=self.p.batch_size, captions=captions)
+            self.items, self.latents = data.items, data.latents
         self.snr_weights = None if self.p.snr_gamma is None else MinSnrWeights(t.noise_scheduler, self.p.snr_gamma)
 
-        captions = self.dataset.captions()
         cache = settings.router.embedding_cache or default_embedding_cache()
         self.encoder = PromptEncoder(settings.router.prompt_encoder, cache_dir=cache)
         # every prompt embedded once (and cached on disk); rank 0 first so the others read the cache
@@ -203,8 +207,9 @@ class Pruner:
         ga = self.p.grad_accum
         sampler = GlobalBatchSampler(range(len(self.dataset)), self.p.batch_size, self.comm.world_size,
                                      self.comm.rank, self.p.seed, start=self.step * ga, stop=self.total_steps * ga)
-        for batch in batch_loader(self.dataset, sampler, self.s.data.num_workers):
-            batch["pixel_values"] = batch["pixel_values"].to(self.device)
+        for batch in batch_loader(self.items, sampler, self.s.data.num_workers):
+            if self.latents is None:
+                batch["pixel_values"] = batch["pixel_values"].to(self.device)
             batch["z"] = self.z_all[batch["index"]].to(self.device)  # the caption actually returned
             batch["skipped"] = int(batch["skipped"].sum()) if "skipped" in batch else 0
             yield batch
@@ -219,9 +224,12 @@ class Pruner:
         bg = self.global_batch
         mine = slice(rank * b, (rank + 1) * b)
         with torch.no_grad():
-            mean, std = (t.encode_images(batch["pixel_values"]) if self.latents is None
-                         else self.latents.lookup(batch["index"]))
-            text = t.encode_text(batch["caption"], size=tuple(batch["pixel_values"].shape[-2:]))
+            if self.latents is None:
+                mean, std = t.encode_images(batch["pixel_values"])
+                size = tuple(batch["pixel_values"].shape[-2:])
+            else:
+                (mean, std), size = self.latents.lookup(batch["index"]), self.items.image_size
+            text = t.encode_text(batch["caption"], size=size)
         shape = mean.shape[1:]
         eps_vae = torch.randn((bg, *shape), generator=g)[mine].to(mean)
         noise = torch.randn((bg, *shape), generator=g)[mine].to(mean)

@@ -160,6 +160,16 @@ def test_finetune_with_cached_latents_trains_the_same(run, tmp_path, monkeypatch
         losses[name] = [json.loads(x)["loss"] for x in rows]
     assert calls == [4, 4, 4]
     assert losses["cached"] == pytest.approx(losses["vae"], rel=1e-4)
+    # with the cache built, the loop reads captions and indices only: one image drawn (the size probe), not 3 x 4
+    import aptp.data.shapes_world as world
+
+    drawn = []
+    render = world.render
+    monkeypatch.setattr(world, "render", lambda *a, **k: drawn.append(1) or render(*a, **k))
+    res = cli("finetune", str(copy), "--expert", str(k), "--steps", "3", "--batch-size", "4", "--overwrite",
+              "--quiet", *extra)
+    assert res.exit_code == 0, res.output
+    assert len(drawn) == 1
 
 
 def test_finetune_split_steps_share_one_total(run, tmp_path):

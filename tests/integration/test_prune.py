@@ -350,6 +350,15 @@ def test_cached_latents_train_what_the_vae_trains(tiny_pipeline_dir, emb_cache, 
                                load_file(str(tmp_path / "vae" / "codes.safetensors"))["logits"], atol=1e-5, rtol=1e-5)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1  # 48 images, one cache
     assert calls == [8] * 5  # every step of the cached run read the cache
+    # with the cache built, the loop reads captions and indices only: one image drawn (the size probe), not 5 x 8
+    import aptp.data.shapes_world as world
+
+    drawn = []
+    render = world.render
+    monkeypatch.setattr(world, "render", lambda *a, **k: drawn.append(1) or render(*a, **k))
+    res = cli(*base, *extra, "--output", str(tmp_path / "again"))
+    assert res.exit_code == 0, res.output
+    assert len(drawn) == 1
 
 
 def test_a_missed_budget_is_a_warning(tiny_pipeline_dir, emb_cache, tmp_path):
