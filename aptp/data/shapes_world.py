@@ -62,7 +62,6 @@ class ShapeSample:
         return buffer.getvalue()
 
 
-
 _TIER_BLOCK: tuple[str, ...] = tuple(t for t in TIERS for _ in range(TIER_COUNTS[t]))
 if len(_TIER_BLOCK) != TIER_BLOCK_SIZE:
     raise ValueError(f"TIER_COUNTS {TIER_COUNTS} must sum to TIER_BLOCK_SIZE={TIER_BLOCK_SIZE}")

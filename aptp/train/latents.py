@@ -61,14 +61,15 @@ def vae_digest(vae: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(data, dataset, vae: torch.nn.Module) -> str:
-    """What the cached posteriors depend on, hashed (see the module docstring)."""
+def cache_key(data, dataset, vae: torch.nn.Module, captions: list[str] | None = None) -> str:
+    """What the cached posteriors depend on, hashed (see the module docstring); ``captions`` is
+    ``dataset.captions()`` when the caller has it already."""
     h = hashlib.sha256()
     shape = {"name": str(data.name), "root": None if data.root is None else str(Path(data.root).resolve()),
              "split": data.split, "resolution": data.resolution, "center_crop": data.center_crop,
              "max_samples": data.max_samples, "len": len(dataset)}
     h.update(json.dumps(shape, sort_keys=True).encode())
-    for caption in dataset.captions():
+    for caption in dataset.captions() if captions is None else captions:
         h.update(caption.encode())
         h.update(b"\n")
     h.update(vae_digest(vae).encode())
@@ -193,14 +194,14 @@ def build_latent_cache(teacher, dataset, dest: Path, *, batch_size: int = 64, nu
 
 
 def open_latent_cache(settings, teacher, dataset, *, is_main: bool = True, barrier: Callable[[], None] = lambda: None,
-                      batch_size: int = 64) -> LatentCache | None:
+                      batch_size: int = 64, captions: list[str] | None = None) -> LatentCache | None:
     """The training set's cache when ``data.cache_latents`` is on (built by the main process first,
     the others waiting), else ``None``."""
     data = settings.data
     if not data.cache_latents:
         return None
     root = Path(data.latent_cache_dir).expanduser() if data.latent_cache_dir is not None else default_latent_cache()
-    path = root / cache_key(data, dataset, teacher.vae)
+    path = root / cache_key(data, dataset, teacher.vae, captions)
     if is_main and not (path / "meta.json").is_file():
         logger.info("encoding %d training images once into %s (data.cache_latents)", len(dataset), path)
         build_latent_cache(teacher, dataset, path, batch_size=batch_size, num_workers=data.num_workers)
@@ -222,5 +223,8 @@ class TrainingSet:
 def open_training_set(settings, teacher, dataset, *, is_main: bool = True, barrier: Callable[[], None] = lambda: None,
                       batch_size: int = 64, captions: list[str] | None = None) -> TrainingSet:
     """``dataset`` with its latent cache (:func:`open_latent_cache`) and the view the loop reads."""
-    latents = open_latent_cache(settings, teacher, dataset, is_main=is_main, barrier=barrier, batch_size=batch_size)
+    if captions is None and settings.data.cache_latents:  # listed once: for the cache key and the view
+        captions = dataset.captions()
+    latents = open_latent_cache(settings, teacher, dataset, is_main=is_main, barrier=barrier, batch_size=batch_size,
+                                captions=captions)
     return TrainingSet(dataset, latents, dataset if latents is None else CachedItems(dataset, latents, captions))
