@@ -1,8 +1,9 @@
 """``aptp eval``: generate for the evaluation captions and score, several models side by side.
 
 A target is a run directory (its routed mixture of experts), a model (alias, diffusers folder or
-hub id: the unpruned pipeline), or a folder of generated images with ``manifest.jsonl`` (from
-``aptp generate``). Protocol as the paper (App. E.3): the data set's evaluation captions, fixed
+hub id: the unpruned pipeline), a folder of generated images with ``manifest.jsonl`` (from
+``aptp generate``), or a target's per-image features saved by an earlier ``aptp eval
+--save-embeddings`` (``.safetensors``: scored again without its images). Protocol as the paper (App. E.3): the data set's evaluation captions, fixed
 seeds (prompt *i* gets ``generate.seed + i``), images generated at the model's resolution and
 resized to ``eval.resolution`` with PIL bicubic; real reference statistics cached per data set
 and feature network. MACs per image and measured seconds per image are reported beside quality.
@@ -32,7 +33,7 @@ WEIGHTS = ("auto", "initial", "finetuned")
 @dataclass
 class Target:
     name: str
-    kind: str  # run | model | images
+    kind: str  # run | model | images | embeddings (a file of `aptp eval --save-embeddings`)
     path: str
     weights: str = "auto"  # runs: auto (fine-tuned if present), initial (as materialized) or finetuned
 
@@ -71,6 +72,10 @@ def classify(target: str) -> Target:
         return Target(target, "run", str(p), weights or "auto")
     if p.is_dir() and ((p / "manifest.jsonl").is_file() or (p / "metadata.jsonl").is_file()):
         return Target(target, "images", str(p))
+    from aptp.metrics.embeddings import is_embeddings_file
+
+    if is_embeddings_file(p):
+        return Target(target, "embeddings", str(p))
     from aptp.models.registry import resolve_model
 
     resolve_model(target)  # raises one line if it is none of them
@@ -208,11 +213,46 @@ def _read_images(t: Target, captions: list[str], resolution: int) -> tuple[list[
     return [resize_for_eval(Image.open(Path(t.path) / r["file"]), resolution) for r in chosen], info
 
 
+def _stored(t: Target, captions: list[str], metrics: list[str], clip, fid,
+            resolution: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(per-image tensors, info) of an embeddings target, checked against this evaluation's
+    captions, resolution and feature networks."""
+    from aptp.metrics.embeddings import load_embeddings
+
+    stored = load_embeddings(t.path)
+    fidnet = fid if fid is not None else clip
+    needed = {}
+    if {"clip", "cmmd"} & set(metrics):
+        needed["clip_image"] = clip.feature_id
+    if "fid" in metrics:
+        needed["fid_image"] = fidnet.feature_id
+    stored.check_features(needed, resolution)
+    if "pickscore" in metrics and "pickscore" not in stored.tensors:
+        raise AptpUserError(f"{t.path}: has no PickScores; save it with the metrics you evaluate now")
+    kept = stored.select(captions)
+    if "clip" in metrics:  # recomputed: the captions are checked equal, the text tower is the one checked
+        from aptp.metrics import clip_scores_from_features
+
+        kept["clip"] = clip_scores_from_features(kept["clip_image"], clip.text_features(captions))
+    keys = ("macs_ratio", "seconds_per_image", "guidance")
+    return kept, {**{k: stored.info.get(k) for k in keys}, "source": stored.target}
+
+
+def _embeddings_name(t: Target, taken: set[str]) -> str:
+    """``<target's folder name>.safetensors``, made unique among the names already taken."""
+    base = Path(t.name.rstrip("/")).name.replace(":", "_").removesuffix(".safetensors") or "target"
+    name, k = f"{base}.safetensors", 2
+    while name in taken:
+        name, k = f"{base}-{k}.safetensors", k + 1
+    taken.add(name)
+    return name
+
+
 def _per_image(kept: dict[str, torch.Tensor], metrics: list[str], clip, fid, dataset_id: str,
                load_real: Callable[[], list[Image.Image]]) -> dict[str, Any]:
     """What the bootstrap resamples, per metric: ``{"clip": (N,) scores, "pickscore": (N,) scores,
     "fid": (real stats, (N, d) features), "cmmd": ((M, d) real, (N, d) generated embeddings)}``,
-    from what :func:`~aptp.metrics.compute_metrics` computed per image (``kept``: no image is
+    from what :func:`~aptp.metrics.embed_images` computed per image (``kept``: no image is
     embedded twice). The real statistics come from the cache it has just filled (same key), so
     the real images are not read again.
     """
@@ -263,15 +303,19 @@ def add_intervals(rows: list[dict[str, Any]], distributions: list[dict[str, torc
 
 def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None = None,
              on_target: Callable[[str], None] | None = None,
-             reference_target: str | None = None) -> list[dict[str, Any]]:
+             reference_target: str | None = None,
+             embeddings_dir: Path | None = None) -> list[dict[str, Any]]:
     """Evaluate every target on the same captions and real images; one result row per target.
 
     Each row keeps the per-prompt CLIP scores and PickScores (``per_image``) and, with
     ``eval.bootstrap`` resamples (0 = off), the 95% bootstrap interval of every metric and the
     paired difference from ``reference_target`` (a target as given; default the first): see
-    :func:`add_intervals` and :mod:`aptp.metrics.bootstrap`.
+    :func:`add_intervals` and :mod:`aptp.metrics.bootstrap`. With ``embeddings_dir`` each
+    target's per-image features go there (:mod:`aptp.metrics.embeddings`), to be given back as
+    targets later.
     """
-    from aptp.metrics import PickScore, compute_metrics
+    from aptp.metrics import PickScore, embed_images, score_embeddings
+    from aptp.metrics.embeddings import save_embeddings
     from aptp.metrics.bootstrap import bootstrap_distribution, resample_indices
 
     if reference_target is not None and reference_target not in targets:
@@ -286,6 +330,7 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
     tiers = tiers_of(settings, len(captions))
     indices = resample_indices(len(captions), e.bootstrap, e.bootstrap_seed) if e.bootstrap > 0 else None
     rows, distributions = [], []
+    saved: set[str] = set()
     for t in parsed:
         if on_target is not None:
             on_target(t.name)
@@ -293,15 +338,21 @@ def evaluate(targets: list[str], settings: Settings, *, images_dir: Path | None 
         if images_dir is not None and t.kind != "images":
             folder = images_dir / Path(t.name).name.replace(":", "_")
             folder.mkdir(parents=True, exist_ok=True)
-        if t.kind == "images":
-            images, info = _read_images(t, captions, e.resolution)
+        if t.kind == "embeddings":
+            kept, info = _stored(t, captions, list(e.metrics), clip, fid, e.resolution)
         else:
-            images, info = _generate_target(t, settings, captions, folder)
+            if t.kind == "images":
+                images, info = _read_images(t, captions, e.resolution)
+            else:
+                images, info = _generate_target(t, settings, captions, folder)
+            kept = embed_images(images, captions, e.metrics, clip, fid, e.resolution, pick)
+            if embeddings_dir is not None:
+                ids = {"clip_image": clip.feature_id, "fid_image": (fid if fid is not None else clip).feature_id}
+                save_embeddings(embeddings_dir / _embeddings_name(t, saved), kept, captions, target=t.name,
+                                kind=t.kind, resolution=e.resolution, feature_ids=ids, info=info)
         # the real images are read only if their statistics are not cached yet (once at most)
-        kept: dict[str, torch.Tensor] = {}
-        scores = compute_metrics(images, captions, load_real, e.metrics, clip, fid_features=fid,
-                                 real_stats_key=key, resolution=e.resolution, pickscore=pick,
-                                 cmmd_estimator=e.cmmd_estimator, keep=kept)
+        scores = score_embeddings(kept, load_real, e.metrics, clip, fid, key, e.resolution,
+                                  cmmd_estimator=e.cmmd_estimator)
         row = {"target": t.name, "kind": t.kind, **info,
                **scores, "cmmd_estimator": e.cmmd_estimator}
         wanted = list(e.metrics) if indices is not None else [m for m in e.metrics if m in PER_PROMPT]

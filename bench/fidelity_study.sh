@@ -19,10 +19,14 @@
 #     of aptp / uni is reused, so only what the fine-tuning sees changes)
 # SEEDS (default "0 1 2") are the prune seeds of aptp and uni; the other rows use seed 0.
 # Images go to OUT/gen/ROW-sSEED-gG (and OUT/gen/teacher-gG), so an interrupted study loses no
-# finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done.
+# finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done. The
+# eval also writes each model's per-image features (OUT/eval-gG/embeddings/NAME-gG.safetensors,
+# ~0.5 MB); copied to STORED (default bench/study-embeddings, in git) they stand in for images a
+# later machine no longer has, so new rows are paired with old ones without regenerating them:
+#   ROWS="noot" SEEDS=0 ALSO="aptp-s0 aptp-s1" bash bench/fidelity_study.sh   # aptp-s* from STORED
 # Environment knobs, for other models or a quick check:
 #   MODEL=toy BUDGET=0.78 FT_STEPS=300 LIMIT=500 GUIDANCES="3 7.5" GEN_BATCH=50 EVAL=1 TEACHER=1
-#   CACHE_LATENTS=1 BIG=125000
+#   CACHE_LATENTS=1 BIG=125000 STORED=bench/study-embeddings ALSO=""
 #   PRUNE_ARGS="..." FINETUNE_ARGS="..." EVAL_ARGS="..." (added to every prune / finetune / eval)
 #   APTP=aptp (the command), PYTHON (default: the python next to it)
 # Times on the 2-core CPU (toy U-Net) depend on the CPU: on 2026-12-01's a mixture row (prune, fine-
@@ -51,6 +55,8 @@ EVAL=${EVAL:-1}
 CACHE_LATENTS=${CACHE_LATENTS:-1}
 TEACHER=${TEACHER:-1}  # 0: no teacher images (a second instance on other rows, beside a first one)
 ROWS=${ROWS:-"wn taylor bk-sdm uni-paper uni aptp noot nodistill noot-nodistill"}
+STORED=${STORED:-bench/study-embeddings}  # per-image features of earlier rows (see the eval below)
+ALSO=${ALSO:-}  # more NAME-sSEED (or teacher) to score beside ROWS, from their images or STORED
 read -r -a prune_extra <<< "${PRUNE_ARGS:-}"
 read -r -a finetune_extra <<< "${FINETUNE_ARGS:-}"
 if [ "$CACHE_LATENTS" = 1 ]; then
@@ -151,13 +157,28 @@ done
 [ "$TEACHER" = 0 ] || generate "$out/${names[0]}" teacher --full
 
 [ "$EVAL" = 1 ] || { log "done (EVAL=0: no eval)"; exit 0; }
-reference=aptp-s0
-[[ " ${names[*]} " == *" $reference "* ]] || reference="${names[0]}"
+# a model whose images are gone (a machine laid anew) is scored from its saved per-image features,
+# STORED/NAME-gG.safetensors (`aptp eval --save-embeddings`, committed), and still paired
+stored_target() {  # $1 = NAME-gG: its image folder, else its stored features, else nothing
+  if [ -d "$out/gen/$1" ]; then echo "$out/gen/$1"
+  elif [ -f "$STORED/$1.safetensors" ]; then echo "$STORED/$1.safetensors"
+  fi
+}
+for n in $ALSO; do names+=("$n"); done
 for g in $GUIDANCES; do
-  targets=("$out/gen/teacher-g$g")
-  for n in "${names[@]}"; do targets+=("$out/gen/$n-g$g"); done
-  log "eval at guidance $g: ${#names[@]} models, the teacher and the real images -> $out/eval-g$g"
-  $APTP eval "${targets[@]}" "$real" --reference "$out/gen/$reference-g$g" --limit "$LIMIT" \
-    --output "$out/eval-g$g" --overwrite --quiet "${eval_extra[@]}"
+  targets=() ref_target=
+  for n in teacher "${names[@]}"; do
+    t=$(stored_target "$n-g$g")
+    if [ -z "$t" ]; then
+      [ "$n" = teacher ] || log "no images or stored features of $n at guidance $g: left out"
+      continue
+    fi
+    [[ " ${targets[*]} " == *" $t "* ]] || targets+=("$t")
+    if [ "$n" = aptp-s0 ]; then ref_target=$t; fi
+  done
+  [ -n "$ref_target" ] || ref_target=${targets[0]}
+  log "eval at guidance $g: ${#targets[@]} targets and the real images -> $out/eval-g$g"
+  $APTP eval "${targets[@]}" "$real" --reference "$ref_target" --limit "$LIMIT" \
+    --output "$out/eval-g$g" --overwrite --save-embeddings --quiet "${eval_extra[@]}"
 done
 log "done: ${#names[@]} runs, results in $out/eval-g*/results.json"

@@ -46,7 +46,7 @@ TIERS = ("easy", "medium", "hard", "hardest")
 
 
 def name_of(target: str, guidance: str) -> str:
-    name = Path(target.rstrip("/")).name
+    name = Path(target.rstrip("/")).name.removesuffix(".safetensors")  # images, or their stored features
     return name[: -len(f"-g{guidance}")] if name.endswith(f"-g{guidance}") else name
 
 

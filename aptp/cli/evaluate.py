@@ -112,7 +112,7 @@ def check_generation_steps(targets: list[str], s) -> None:
 
 @command
 def evaluate(
-    targets: Annotated[list[str], typer.Argument(help="Run directories (RUN@initial / RUN@finetuned pick the expert weights; default: fine-tuned if present), models (alias / folder / hub id) or folders of generated images with manifest.jsonl.")],
+    targets: Annotated[list[str], typer.Argument(help="Run directories (RUN@initial / RUN@finetuned pick the expert weights; default: fine-tuned if present), models (alias / folder / hub id), folders of generated images with manifest.jsonl, or .safetensors files of an earlier --save-embeddings.")],
     data: Annotated[Optional[str], typer.Option(help="Data set whose evaluation captions and images are used (default: the first run's, else shapes).")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Root of coco / cc3m.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N captions of the split.")] = None,
@@ -123,6 +123,7 @@ def evaluate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results.csv, results.json and the generated images here.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --output.")] = False,
     reference: Annotated[Optional[str], typer.Option(help="Target the paired differences are taken against, as given among the targets (default: the first).")] = None,
+    save_embeddings: Annotated[bool, typer.Option("--save-embeddings", help="Also write each target's per-image features to OUTPUT/embeddings/NAME.safetensors; such a file is a target of a later eval, scored (and paired) without its images.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json (stdout).")] = "table",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     recipe: RecipeOpt = None,
@@ -140,6 +141,15 @@ def evaluate(
 
     if fmt not in ("table", "csv", "json"):
         raise AptpUserError(f"--format {fmt}: expected table, csv or json")
+    if output is not None and overwrite:
+        dest = output.expanduser().resolve()
+        for target in targets:
+            p = Path(target.rpartition("@")[0] if run_path(target) and not Path(target).exists() else target).expanduser()
+            if p.exists() and (p.resolve() == dest or dest in p.resolve().parents):
+                raise AptpUserError(f"{target} lies inside --output {output}, which --overwrite empties first; "
+                                    "write the results elsewhere")
+    if save_embeddings and output is None:
+        raise AptpUserError("--save-embeddings writes into --output: give one")
     if reference is not None and reference not in targets:
         raise AptpUserError(f"--reference {reference}: not one of the targets; give it exactly as among the targets")
     first_run = next((p for p in map(run_path, targets) if p is not None), None)
@@ -154,7 +164,8 @@ def evaluate(
     out_dir = prepare_output_dir(output, overwrite=overwrite, resume=False) if output is not None else None
     rows = run_eval(targets, s, images_dir=out_dir / "images" if out_dir else None,
                     on_target=None if quiet else (lambda name: err.print(f"evaluating {name} ...", markup=False)),
-                    reference_target=reference)
+                    reference_target=reference,
+                    embeddings_dir=out_dir / "embeddings" if out_dir is not None and save_embeddings else None)
     if out_dir is not None:
         write_settings(s, out_dir)
         (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
