@@ -17,7 +17,10 @@
 #   aptp-big / uni-big (fine-tuned on a BIG-sample train split, default 125,000: every expert's
 #     routed share then holds about the 9,600 distinct samples of its 300 x 32 steps; the prune
 #     of aptp / uni is reused, so only what the fine-tuning sees changes)
-# SEEDS (default "0 1 2") are the prune seeds of aptp and uni; the other rows use seed 0.
+#   uni-medium (the uni prune of the same seed fine-tuned on the medium tier's training prompts
+#     alone, OUT/train-medium, as a medium expert is: does the Uni-Arch architecture keep its
+#     medium-tier lead as a specialist? if so the medium experts' architecture is what they lack)
+# SEEDS (default "0 1 2") are the prune seeds of aptp, uni and uni-medium; the other rows use seed 0.
 # Images go to OUT/gen/ROW-sSEED-gG (and OUT/gen/teacher-gG), so an interrupted study loses no
 # finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done. The
 # eval also writes each model's per-image features (OUT/eval-gG/embeddings/NAME-gG.safetensors,
@@ -86,6 +89,7 @@ spec() {  # "BASE|PRUNE FLAGS|FINETUNE FLAGS" of a row; BASE: the row whose prun
     aptp-split) echo "aptp||--set finetune.steps_mode=split" ;;
     aptp-big) echo "aptp||--set data.max_samples=$BIG" ;;
     uni-big) echo "uni||--set data.max_samples=$BIG" ;;
+    uni-medium) echo "uni||--set data.name=$out/train-medium" ;;
     *) echo "unknown row $1 (see the header of $0)" >&2; return 2 ;;
   esac
 }
@@ -115,11 +119,17 @@ fi
 [ -f "$out/prompts.txt" ] || "$PY" -c "import json, sys; print(''.join(json.loads(l)['text'] + '\n' for l in open(sys.argv[1]) if l.strip()), end='')" \
   "$real/metadata.jsonl" > "$out/prompts.txt"
 
+if [[ " $ROWS " == *" uni-medium "* ]] && [ ! -f "$out/train-medium/metadata.jsonl" ]; then
+  log "export the medium tier of the train split to $out/train-medium"
+  "$PY" -c "import sys; from aptp.data.shapes_world import export_image_folder; export_image_folder(sys.argv[1], 'train', 20000, tiers=['medium'])" \
+    "$out/train-medium"
+fi
+
 names=()
 for row in $ROWS; do
   IFS='|' read -r base pflags fflags <<< "$(spec "$row")"
   seeds=0
-  case "$row" in aptp|uni) seeds=$SEEDS ;; esac
+  case "$row" in aptp|uni|uni-medium) seeds=$SEEDS ;; esac
   for seed in $seeds; do
     run="$out/$row-s$seed"
     names+=("$row-s$seed")

@@ -40,6 +40,7 @@ LABELS = {
     "aptp-split": "APTP, finetune.steps_mode=split (one static model's fine-tuning compute)",
     "aptp-big": "APTP, fine-tuned on the larger train split (fidelity_study.sh BIG, default 125,000)",
     "uni-big": "Uni-Arch (warm-started), fine-tuned on the larger train split (BIG)",
+    "uni-medium": "Uni-Arch (warm-started), fine-tuned on the medium tier's training prompts alone",
     "real": "real validation images",
 }
 TIERS = ("easy", "medium", "hard", "hardest")

@@ -16,6 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -214,39 +215,48 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def export_image_folder(out_dir: str | os.PathLike[str], split: str, n: int, seed: int = 0) -> Path:
+def export_image_folder(out_dir: str | os.PathLike[str], split: str, n: int, seed: int = 0,
+                        tiers: Sequence[str] | None = None) -> Path:
     """Writes the first ``n`` samples of ``split`` as an image folder.
 
     The layout is the diffusers / Hugging Face ``imagefolder`` convention: ``000000.png``, ... and
-    a ``metadata.jsonl`` with one ``{"file_name", "text", "tier", "attributes"}`` object per line.
+    a ``metadata.jsonl`` with one ``{"file_name", "text", "tier", "attributes", "index"}`` object
+    per line (``index``: the sample's index in the split).
 
     Args:
         out_dir: Folder to write into; created if missing. Files of the same names are replaced.
         split: ``"train"`` or ``"validation"``.
         n: Number of samples, at most the split size.
         seed: World seed.
+        tiers: Only the samples of these tiers, among the split's first ``n`` (the tier is read
+            without drawing the sample): e.g. ``["medium"]`` for a tier's training prompts alone.
 
     Returns:
         The output folder.
 
     Raises:
-        ValueError: For an unknown split or ``n`` outside the split.
+        ValueError: For an unknown split or tier, or ``n`` outside the split.
     """
     world = ShapesWorld(seed)
     total = world.split_size(split)
     if not 0 <= n <= total:
         raise ValueError(f"n={n} must be between 0 and the size of split {split!r} ({total})")
+    unknown = sorted(set(tiers or ()) - set(TIERS))
+    if unknown:
+        raise ValueError(f"unknown tiers {unknown}; choose from {list(TIERS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(n):
+        if tiers is not None and world.tier(split, index) not in tiers:
+            continue
         sample = world.sample(split, index)
         file_name = f"{index:06d}.png"
         _atomic_write(out / file_name, sample.png_bytes())
         record = {"file_name": file_name, "text": sample.caption, "tier": sample.tier,
-                  "attributes": sample.attributes}
+                  "attributes": sample.attributes, "index": index}
         lines.append(json.dumps(record, sort_keys=True))
     # Metadata last, so a folder with a metadata.jsonl always has every image it lists.
     _atomic_write(out / "metadata.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
-    logger.info("wrote %d %s samples (seed %d) to %s", n, split, seed, out)
+    logger.info("wrote %d %s samples (seed %d) to %s", len(lines), split, seed, out)
     return out

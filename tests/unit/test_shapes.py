@@ -353,3 +353,16 @@ def test_export_image_folder(tmp_path) -> None:
             sample.caption, sample.tier, sample.attributes)
         assert (out / record["file_name"]).read_bytes() == sample.png_bytes()
     assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["metadata.jsonl"]
+
+
+def test_export_image_folder_of_one_tier(tmp_path) -> None:
+    """tiers=[...]: the split's first n samples of those tiers only, each with its split index."""
+    world = ShapesWorld(0)
+    out = export_image_folder(tmp_path / "medium", "train", 40, tiers=["medium"])
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    want = [i for i in range(40) if world.tier("train", i) == "medium"]
+    assert 0 < len(want) < 40 and [r["index"] for r in lines] == want
+    assert all(r["tier"] == "medium" and r["text"] == world.sample("train", r["index"]).caption for r in lines)
+    assert len(list(out.glob("*.png"))) == len(want)
+    with pytest.raises(ValueError, match="unknown tiers"):
+        export_image_folder(tmp_path / "x", "train", 4, tiers=["impossible"])
