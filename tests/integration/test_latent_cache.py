@@ -81,3 +81,25 @@ def test_a_damaged_cache_is_one_line(tiny_pipeline_dir, teacher, tmp_path):
 def test_random_transforms_are_refused(extra, tmp_path):
     with pytest.raises(AptpUserError, match="cannot be cached"):
         resolve_settings(overrides=["data.cache_latents=true", extra])
+
+
+def test_cached_items_read_captions_and_fall_back_for_missing_latents(tiny_pipeline_dir, teacher, tmp_path,
+                                                                      monkeypatch):
+    s = _settings(tiny_pipeline_dir, tmp_path)
+    ds = build_dataset(s.data, seed=0)
+    cache = L.open_latent_cache(s, teacher, ds, batch_size=8)
+    cache.present[5] = False  # as if image 5 had been unreadable when the cache was built
+    drawn = []
+    original = type(ds).__getitem__
+    monkeypatch.setattr(type(ds), "__getitem__", lambda self, i: drawn.append(int(i)) or original(self, i))
+    items = L.CachedItems(ds, cache)
+    assert drawn == [0] and items.image_size == (16, 16)  # the size probe: the first cached image
+    drawn.clear()
+    assert [items[i]["caption"] for i in range(len(items))] == ds.captions()
+    assert drawn == [5]  # only the missing latent goes back to the data set
+    assert items[5]["index"] == 5 and items[3] == {"caption": ds.captions()[3], "index": 3, "skipped": 0}
+    # a cache of another length than the data set: one line naming the cache
+    short = build_dataset(_settings(tiny_pipeline_dir, tmp_path, "data.max_samples=12").data, seed=0)
+    with pytest.raises(DamagedFileError, match="it holds 20 items, the data set 12") as err:
+        L.CachedItems(short, cache)
+    assert "\n" not in str(err.value) and str(cache.path) in str(err.value)
