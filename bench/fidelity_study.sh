@@ -20,7 +20,9 @@
 #   uni-medium (the uni prune of the same seed fine-tuned on the medium tier's training prompts
 #     alone, OUT/train-medium, as a medium expert is: does the Uni-Arch architecture keep its
 #     medium-tier lead as a specialist? if so the medium experts' architecture is what they lack)
-# SEEDS (default "0 1 2") are the prune seeds of aptp, uni and uni-medium; the other rows use seed 0.
+# SEEDS (default "0 1 2") are the prune seeds of every row but wn (weight-norm's prune reads no data:
+# it is the same at every seed, and finetune.seed is fixed); a row that reuses a prune (aptp-cd,
+# uni-medium, ...) reuses the one of its own seed. SEEDS=0 gives the one-seed study.
 # Images go to OUT/gen/ROW-sSEED-gG (and OUT/gen/teacher-gG), so an interrupted study loses no
 # finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done. The
 # eval also writes each model's per-image features (OUT/eval-gG/embeddings/NAME-gG.safetensors,
@@ -128,8 +130,8 @@ fi
 names=()
 for row in $ROWS; do
   IFS='|' read -r base pflags fflags <<< "$(spec "$row")"
-  seeds=0
-  case "$row" in aptp|uni|uni-medium) seeds=$SEEDS ;; esac
+  seeds=$SEEDS
+  [ "$row" != wn ] || seeds=0
   for seed in $seeds; do
     run="$out/$row-s$seed"
     names+=("$row-s$seed")
