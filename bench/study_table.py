@@ -7,7 +7,8 @@ difference from the eval's reference (``--reference`` of the study's eval, APTP 
 interval, the CLIP score per difficulty tier and the paired CLIP difference per tier (bootstrap
 over the tier's prompts, same draws for every model). Rows with several prune seeds (``NAME-sK``)
 get a second table: mean ± sample std over the seeds. Nothing here is measured anew: it reads what
-`aptp eval` wrote.
+`aptp eval` wrote. The tiers come from STUDY/real/metadata.jsonl, or, without it (a study scored
+from `bench/study-embeddings/` alone), from the shapes world's validation split.
 """
 
 from __future__ import annotations
@@ -96,6 +97,18 @@ def tier_deltas(rows: list[dict], ref: dict, tiers: list[str], resamples: int, s
     return out
 
 
+def validation_tiers(metadata: Path, n: int) -> list[str]:
+    """The tier of each of the first ``n`` validation prompts: from the study's exported real images
+    (``metadata.jsonl``) when they are there, else from the shapes world itself (a sample's tier is
+    a pure function of its split and index, and the study's real images are validation 0..n-1)."""
+    if metadata.is_file():
+        return [json.loads(line)["tier"] for line in metadata.read_text().splitlines() if line.strip()][:n]
+    from aptp.data.shapes_world import ShapesWorld
+
+    world = ShapesWorld(0)
+    return [world.tier("validation", i) for i in range(n)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", type=Path)
@@ -104,8 +117,7 @@ def main() -> None:
     ap.add_argument("--eval", type=Path, help="results.json to read (default STUDY/eval-gG/results.json)")
     args = ap.parse_args()
     results = json.loads((args.eval or args.study / f"eval-g{args.guidance}" / "results.json").read_text())
-    tiers = [json.loads(line)["tier"] for line in (args.study / "real" / "metadata.jsonl").read_text().splitlines()
-             if line.strip()][: results[0]["n_images"]]
+    tiers = validation_tiers(args.study / "real" / "metadata.jsonl", results[0]["n_images"])
     boot = results[0]["bootstrap"]
     ref = next(r for r in results if r["target"] == boot["reference"])
     ref_name = name_of(ref["target"], args.guidance)
