@@ -103,10 +103,10 @@ def validation_tiers(metadata: Path, n: int) -> list[str]:
     a pure function of its split and index, and the study's real images are validation 0..n-1)."""
     if metadata.is_file():
         return [json.loads(line)["tier"] for line in metadata.read_text().splitlines() if line.strip()][:n]
-    from aptp.data.shapes_world import ShapesWorld
+    from aptp.evaluate import tiers_of  # what `aptp eval` itself uses, with the default (shapes) settings
+    from aptp.settings import Settings
 
-    world = ShapesWorld(0)
-    return [world.tier("validation", i) for i in range(n)]
+    return tiers_of(Settings(), n)
 
 
 def main() -> None:
