@@ -13,6 +13,8 @@
 #   aptp-centred (router.similarity=centred)  aptp-snr (prune.snr_gamma=5)
 #   aptp-per-expert (prune.resource_per=expert: every expert at the budget, no capacity shifted)
 #   aptp-cd / uni-cd (finetune.caption_dropout=0.1; the prune of aptp / uni is reused)
+#   wn-cd / taylor-cd / bk-sdm-cd / uni-paper-cd (the static baselines with the same caption
+#     dropout, each pruned afresh: the comparison with aptp-cd at the same fine-tuning)
 #   aptp-split (finetune.steps_mode=split: the mixture's fine-tuning costs one static model's)
 #   aptp-big / uni-big (fine-tuned on a BIG-sample train split, default 125,000: every expert's
 #     routed share then holds about the 9,600 distinct samples of its 300 x 32 steps; the prune
@@ -20,7 +22,7 @@
 #   uni-medium (the uni prune of the same seed fine-tuned on the medium tier's training prompts
 #     alone, OUT/train-medium, as a medium expert is: does the Uni-Arch architecture keep its
 #     medium-tier lead as a specialist? if so the medium experts' architecture is what they lack)
-# SEEDS (default "0 1 2") are the prune seeds of every row but wn (weight-norm's prune reads no data:
+# SEEDS (default "0 1 2") are the prune seeds of every row but wn, wn-cd (weight-norm's prune reads no data:
 # it is the same at every seed, and finetune.seed is fixed); a row that reuses a prune (aptp-cd,
 # uni-medium, ...) reuses the one of its own seed. SEEDS=0 gives the one-seed study.
 # Images go to OUT/gen/ROW-sSEED-gG (and OUT/gen/teacher-gG), so an interrupted study loses no
@@ -88,6 +90,10 @@ spec() {  # "BASE|PRUNE FLAGS|FINETUNE FLAGS" of a row; BASE: the row whose prun
     aptp-per-expert) echo "|--method aptp --set prune.resource_per=expert|" ;;
     aptp-cd) echo "aptp||--set finetune.caption_dropout=0.1" ;;
     uni-cd) echo "uni||--set finetune.caption_dropout=0.1" ;;
+    wn-cd) echo "|--method weight-norm|--set finetune.caption_dropout=0.1" ;;
+    taylor-cd) echo "|--method taylor|--set finetune.caption_dropout=0.1" ;;
+    bk-sdm-cd) echo "|--method bk-sdm|--set finetune.caption_dropout=0.1" ;;
+    uni-paper-cd) echo "|--method uni-arch-paper --set prune.code_lr_scale=4 --set prune.lambda_res=20|--set finetune.caption_dropout=0.1" ;;
     aptp-split) echo "aptp||--set finetune.steps_mode=split" ;;
     aptp-big) echo "aptp||--set data.max_samples=$BIG" ;;
     uni-big) echo "uni||--set data.max_samples=$BIG" ;;
@@ -131,7 +137,7 @@ names=()
 for row in $ROWS; do
   IFS='|' read -r base pflags fflags <<< "$(spec "$row")"
   seeds=$SEEDS
-  [ "$row" != wn ] || seeds=0
+  case "$row" in wn|wn-*) seeds=0 ;; esac  # weight-norm's prune reads no data
   for seed in $seeds; do
     run="$out/$row-s$seed"
     names+=("$row-s$seed")
