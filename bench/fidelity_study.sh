@@ -165,7 +165,10 @@ for row in $ROWS; do
     if [ ! -f "$run/.finetuned" ]; then
       log "finetune $run ($FT_STEPS steps) ${ft[*]}"
       resume=(); [ -d "$run/finetune" ] && resume=(--resume)
-      $APTP finetune "$run" --steps "$FT_STEPS" --quiet "${resume[@]}" "${ft[@]}" "${finetune_extra[@]}"
+      # caption dropout 0 unless the row sets it: the study's rows were fine-tuned without it, before
+      # the built-in default became 0.1 (a later --set wins, so a row's own flag replaces this one)
+      $APTP finetune "$run" --steps "$FT_STEPS" --quiet "${resume[@]}" --set finetune.caption_dropout=0 \
+        "${ft[@]}" "${finetune_extra[@]}"
       touch "$run/.finetuned"
     fi
     generate "$run" "$row-s$seed"

@@ -126,8 +126,9 @@ def test_finetune_caption_dropout_and_min_snr(run, tmp_path):
     experts = json.loads((copy / "experts.json").read_text())["experts"]
     k = max(experts, key=lambda e: e["prompts"])["expert"]
     losses = {}
-    for name, extra in (("base", []), ("dropout", ["--set", "finetune.caption_dropout=0.9"]),
-                        ("snr", ["--set", "finetune.snr_gamma=5"])):
+    for name, extra in (("base", ["--set", "finetune.caption_dropout=0"]),
+                        ("dropout", ["--set", "finetune.caption_dropout=0.9"]),
+                        ("snr", ["--set", "finetune.caption_dropout=0", "--set", "finetune.snr_gamma=5"])):
         res = cli("finetune", str(copy), "--expert", str(k), "--steps", "1", "--batch-size", "4", "--overwrite",
                   "--set", "finetune.log_every=1", "--quiet", *extra)
         assert res.exit_code == 0, res.output
