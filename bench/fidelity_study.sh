@@ -24,7 +24,8 @@
 #     medium-tier lead as a specialist? if so the medium experts' architecture is what they lack)
 # SEEDS (default "0 1 2") are the prune seeds of every row but wn, wn-cd (weight-norm's prune reads no data:
 # it is the same at every seed, and finetune.seed is fixed); a row that reuses a prune (aptp-cd,
-# uni-medium, ...) reuses the one of its own seed. SEEDS=0 gives the one-seed study.
+# uni-medium, ...) reuses the one of its own seed, pruned (not fine-tuned) first when that row was
+# never run. SEEDS=0 gives the one-seed study.
 # Images go to OUT/gen/ROW-sSEED-gG (and OUT/gen/teacher-gG), so an interrupted study loses no
 # finished model, and the eval (OUT/eval-gG, rerun each time) scores whatever rows are done. The
 # eval also writes each model's per-image features (OUT/eval-gG/embeddings/NAME-gG.safetensors,
@@ -133,6 +134,20 @@ if [[ " $ROWS " == *" uni-medium "* ]] && [ ! -f "$out/train-medium/metadata.jso
     "$out/train-medium"
 fi
 
+prepare() {  # prepare RUN SEED [prune flags]: prune (resumable) and materialize RUN unless done
+  local run=$1 seed=$2; shift 2
+  if [ ! -f "$run/routing.json" ]; then
+    log "prune $run"
+    local resume=(); [ -d "$run/checkpoints" ] && resume=(--resume)
+    $APTP prune --model "$MODEL" --budget "$BUDGET" --seed "$seed" "$@" --output "$run" --quiet \
+      "${resume[@]}" "${prune_extra[@]}"
+  fi
+  if [ ! -f "$run/experts.json" ]; then
+    log "materialize $run"
+    $APTP materialize "$run" --quiet
+  fi
+}
+
 names=()
 for row in $ROWS; do
   IFS='|' read -r base pflags fflags <<< "$(spec "$row")"
@@ -145,23 +160,17 @@ for row in $ROWS; do
     read -r -a ft <<< "$fflags"
     if [ -n "$base" ] && [ ! -f "$run/experts.json" ]; then
       src="$out/$base-s$seed"
-      [ -f "$src/experts.json" ] || { echo "row $row reuses the prune of $base: put $base before it in ROWS" >&2; exit 2; }
+      # the base row's prune, made here when the base row was never run (it is not fine-tuned or sampled)
+      IFS='|' read -r _ bflags _ <<< "$(spec "$base")"
+      read -r -a bf <<< "$bflags"
+      prepare "$src" "$seed" "${bf[@]}"
       log "copy the pruned and materialized $src to $run"
       rm -rf "$run"; mkdir -p "$run"
       for f in "$src"/*; do
         case "$(basename "$f")" in finetuned|finetune|checkpoints|samples) ;; *) cp -a "$f" "$run/" ;; esac
       done
     fi
-    if [ ! -f "$run/routing.json" ]; then
-      log "prune $run"
-      resume=(); [ -d "$run/checkpoints" ] && resume=(--resume)
-      $APTP prune --model "$MODEL" --budget "$BUDGET" --seed "$seed" "${flags[@]}" --output "$run" --quiet \
-        "${resume[@]}" "${prune_extra[@]}"
-    fi
-    if [ ! -f "$run/experts.json" ]; then
-      log "materialize $run"
-      $APTP materialize "$run" --quiet
-    fi
+    prepare "$run" "$seed" "${flags[@]}"
     if [ ! -f "$run/.finetuned" ]; then
       log "finetune $run ($FT_STEPS steps) ${ft[*]}"
       resume=(); [ -d "$run/finetune" ] && resume=(--resume)
