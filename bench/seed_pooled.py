@@ -6,9 +6,9 @@
 Each argument is one model: a comma list of the stems of its seeds' `aptp eval --save-embeddings`
 files (``STORED/STEM-gG.safetensors``); the first is the reference. Two tables come out:
 
-* **pooled over seeds**: a model's CLIP score is the mean over its seeds and prompts; its FD and
-  CMMD are computed on the images of all its seeds together (seeds × prompts images) against the
-  real images. The bootstrap draws prompts, each with every seed's image of it (a cluster
+* **over seeds**: a model's value of each metric is the mean of its seeds' values (CLIP: the mean
+  over seeds and prompts; FD and CMMD: each seed's 500 images against the real images, then the
+  mean of those). The bootstrap draws prompts, each with every seed's image of it (a cluster
   bootstrap; the same draws for every model), so the paired difference from the reference
   averages out what one seed pair alone would show, and its interval is over the prompts: the
   seeds are held fixed, and their spread is the ``± std`` column (sample std of the per-seed
@@ -20,9 +20,11 @@ The real side is what ``aptp eval`` scores against (the shapes validation split'
 its cache), so a one-seed model's values equal the eval's.
 
 Nothing is generated: it reads what `aptp eval` saved. FD and CMMD intervals are centred on the
-measured value as in ``aptp.metrics.bootstrap``; FD and CMMD of a pooled set of 3 × 500 images are
-not comparable with 500-image values (a larger set has a smaller estimator bias), only with each
-other.
+measured value as in ``aptp.metrics.bootstrap``. FD and CMMD are averaged per seed rather than
+computed on all seeds' images at once: a pooled set of 3 × 500 images has a smaller estimator bias
+than 500 images (so a three-seed model would be favoured against a one-seed one), and the seeds'
+images of one prompt share its sampling noise, so they are near-duplicates that the unbiased CMMD
+does not discount. The mean of per-seed values has neither problem and is read like the eval's.
 """
 
 from __future__ import annotations
@@ -62,16 +64,15 @@ class Model:
         self.feature_id = ids.pop()
 
     def statistic(self, metric: str, seeds: list[int], fd_ref: FrechetReference, real_emb: torch.Tensor):
-        """prompt indices -> the metric on those prompts' images of ``seeds``, pooled."""
+        """prompt indices -> the metric on those prompts' images, the mean over ``seeds``."""
         s = torch.tensor(seeds)
         if metric == "clip":
             v = self.clip[s].mean(0)
             return lambda idx: float(v[idx].mean())
         feats = (self.fid if metric == "fid" else self.emb)[s]
-        d = feats.shape[-1]
         if metric == "fid":
-            return lambda idx: fd_ref.distance(feats[:, idx].reshape(-1, d))
-        return lambda idx: cmmd(real_emb, feats[:, idx].reshape(-1, d))
+            return lambda idx: statistics.fmean(fd_ref.distance(f[idx]) for f in feats)
+        return lambda idx: statistics.fmean(cmmd(real_emb, f[idx]) for f in feats)
 
 
 def real_side(n: int, model: Model) -> tuple[FrechetReference, torch.Tensor]:
@@ -132,7 +133,7 @@ def main() -> None:
           f"interval over prompts ({args.resamples} draws, the first {args.sets} for FD and CMMD); "
           "* = the interval excludes 0.\n")
     pooled = [measure(m, list(range(len(m.stems)))) for m in models]
-    print("Pooled over seeds (± = sample std of the per-seed values):\n")
+    print("Over seeds (each metric the mean of the per-seed values; ± = their sample std):\n")
     print("| model | seeds | MACs | " + " | ".join(f"{h} | Δ {h.split()[0]}" for _, _, h in METRICS) + " |")
     print("|---|---:|---:|" + "---:|---:|" * len(METRICS))
     for m, meas in zip(models, pooled):
