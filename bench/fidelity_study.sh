@@ -63,9 +63,9 @@ EVAL=${EVAL:-1}
 CACHE_LATENTS=${CACHE_LATENTS:-1}
 TEACHER=${TEACHER:-1}  # 0: no teacher images (a second instance on other rows, beside a first one)
 ROWS=${ROWS:-"wn taylor bk-sdm uni-paper uni aptp noot nodistill noot-nodistill"}
-STORED=${STORED:-bench/study-embeddings}  # per-image features of earlier rows (see the eval below)
-# features of another prompt count live in a subfolder (n2000/ for LIMIT=2000): the eval refuses a mismatch
-[ "$LIMIT" = 500 ] || [ "$STORED" != bench/study-embeddings ] || STORED=bench/study-embeddings/n$LIMIT
+# per-image features of earlier rows (see the eval below); those of another prompt count than 500
+# live in bench/study-embeddings/nLIMIT (n2000/), since the eval refuses a file of another --limit
+STORED=${STORED:-bench/study-embeddings$([ "$LIMIT" = 500 ] || echo "/n$LIMIT")}
 ALSO=${ALSO:-}  # more NAME-sSEED (or teacher) to score beside ROWS, from their images or STORED
 read -r -a prune_extra <<< "${PRUNE_ARGS:-}"
 read -r -a finetune_extra <<< "${FINETUNE_ARGS:-}"

@@ -7,7 +7,7 @@ Each argument is one model: a comma list of the stems of its seeds' `aptp eval -
 files (``STORED/STEM-gG.safetensors``); the first is the reference. Two tables come out:
 
 * **over seeds**: a model's value of each metric is the mean of its seeds' values (CLIP: the mean
-  over seeds and prompts; FD and CMMD: each seed's 500 images against the real images, then the
+  over seeds and prompts; FD and CMMD: each seed's images against the real images, then the
   mean of those). The bootstrap draws prompts, each with every seed's image of it (a cluster
   bootstrap; the same draws for every model), so the paired difference from the reference
   averages out what one seed pair alone would show, and its interval is over the prompts: the
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from aptp.metrics.bootstrap import bootstrap_distribution, paired_summary, resample_indices, summary
-from aptp.metrics.cmmd import cmmd
+from aptp.metrics.bootstrap import (bootstrap_distribution, cmmd_statistic, fd_statistic, mean_statistic,
+                                    paired_summary, resample_indices, summary)
 from aptp.metrics.embeddings import load_embeddings
-from aptp.metrics.fid import FrechetReference
+from aptp.metrics.fid import GaussianStats
 
 METRICS = (("clip", 1, "CLIP ↑"), ("fid", 4, "FD ↓"), ("cmmd", 3, "CMMD ↓"))
 
@@ -63,19 +63,17 @@ class Model:
             raise SystemExit(f"{stems}: scored with different feature networks ({sorted(map(str, ids))})")
         self.feature_id = ids.pop()
 
-    def statistic(self, metric: str, seeds: list[int], fd_ref: FrechetReference, real_emb: torch.Tensor):
-        """prompt indices -> the metric on those prompts' images, the mean over ``seeds``."""
-        s = torch.tensor(seeds)
+    def statistics(self, metric: str, real: GaussianStats, real_emb: torch.Tensor) -> list:
+        """One bootstrap statistic per seed (prompt indices -> the metric on those prompts' images),
+        built as ``aptp eval`` builds its own."""
         if metric == "clip":
-            v = self.clip[s].mean(0)
-            return lambda idx: float(v[idx].mean())
-        feats = (self.fid if metric == "fid" else self.emb)[s]
+            return [mean_statistic(v) for v in self.clip]
         if metric == "fid":
-            return lambda idx: statistics.fmean(fd_ref.distance(f[idx]) for f in feats)
-        return lambda idx: statistics.fmean(cmmd(real_emb, f[idx]) for f in feats)
+            return [fd_statistic(real, f) for f in self.fid]
+        return [cmmd_statistic(real_emb, f) for f in self.emb]
 
 
-def real_side(n: int, model: Model) -> tuple[FrechetReference, torch.Tensor]:
+def real_side(n: int, model: Model) -> tuple[GaussianStats, torch.Tensor]:
     """The real statistics ``aptp eval`` scores against (the shapes validation split's first ``n``
     images, from its cache after the first eval), checked to be the features the files hold."""
     from aptp.evaluate import feature_networks, reference
@@ -94,7 +92,7 @@ def real_side(n: int, model: Model) -> tuple[FrechetReference, torch.Tensor]:
         raise SystemExit(f"{model.stems[0]}: features of {model.feature_id}, the eval uses {clip.feature_id}")
     stats = real_statistics(f"{key}@{settings.eval.resolution}px", clip, load_real, StatsCache(),
                             keep_features=True)
-    return FrechetReference(stats), stats.features.to(torch.float64)
+    return stats, stats.features.to(torch.float64)
 
 
 def fmt_delta(p: dict, digits: int) -> str:
@@ -116,32 +114,38 @@ def main() -> None:
     first = Model(args.models[0].split(","), args.stored, args.guidance, None)
     models = [first] + [Model(m.split(","), args.stored, args.guidance, first.captions) for m in args.models[1:]]
     n = len(first.captions)
-    fd_ref, real_emb = real_side(n, models[0])
+    real, real_emb = real_side(n, models[0])
     draws = resample_indices(n, args.resamples, args.seed)
     everything = torch.arange(n)
 
-    def measure(model: Model, seeds: list[int]) -> dict[str, tuple[float, torch.Tensor]]:
-        out = {}
+    def measure(model: Model) -> list[dict[str, tuple[float, torch.Tensor]]]:
+        """Per seed, per metric: the value and its bootstrap distribution on the shared draws."""
+        out = [{} for _ in model.stems]
         for metric, _, _ in METRICS:
-            stat = model.statistic(metric, seeds, fd_ref, real_emb)
             rows = draws if metric == "clip" else draws[: args.sets]
-            out[metric] = (stat(everything), bootstrap_distribution(stat, rows))
+            for k, stat in enumerate(model.statistics(metric, real, real_emb)):
+                out[k][metric] = (stat(everything), bootstrap_distribution(stat, rows))
         return out
+
+    def over_seeds(seeds: list[dict]) -> dict[str, tuple[float, torch.Tensor]]:
+        """The mean over seeds of each value and of each draw's statistic (a cluster bootstrap)."""
+        return {metric: (statistics.fmean(m[metric][0] for m in seeds),
+                         torch.stack([m[metric][1] for m in seeds]).mean(0)) for metric, _, _ in METRICS}
 
     ref = models[0]
     print(f"Guidance {args.guidance}, {n} prompts; reference {','.join(ref.stems)}; [lo, hi] = 95% bootstrap "
           f"interval over prompts ({args.resamples} draws, the first {args.sets} for FD and CMMD); "
           "* = the interval excludes 0.\n")
-    pooled = [measure(m, list(range(len(m.stems)))) for m in models]
+    per_seed = [measure(m) for m in models]
+    pooled = [over_seeds(seeds) for seeds in per_seed]
     print("Over seeds (each metric the mean of the per-seed values; ± = their sample std):\n")
     print("| model | seeds | MACs | " + " | ".join(f"{h} | Δ {h.split()[0]}" for _, _, h in METRICS) + " |")
     print("|---|---:|---:|" + "---:|---:|" * len(METRICS))
-    for m, meas in zip(models, pooled):
+    for m, seeds, meas in zip(models, per_seed, pooled):
         cells = []
         for metric, digits, _ in METRICS:
             value, dist = meas[metric]
-            per_seed = [m.statistic(metric, [k], fd_ref, real_emb)(everything) for k in range(len(m.stems))]
-            spread = f" ± {statistics.stdev(per_seed):.{digits}f}" if len(per_seed) > 1 else ""
+            spread = f" ± {statistics.stdev(x[metric][0] for x in seeds):.{digits}f}" if len(seeds) > 1 else ""
             s = summary(value, dist, centre=metric != "clip")
             lo, hi = s["ci95"]
             cells.append(f"{value:.{digits}f}{spread} [{lo:.{digits}f}, {hi:.{digits}f}]")
@@ -157,13 +161,11 @@ def main() -> None:
     print("\nEvery seed pair (Δ = model seed − reference seed):\n")
     print("| model seed | reference seed | Δ CLIP | Δ FD | Δ CMMD |")
     print("|---|---|---:|---:|---:|")
-    ref_single = [measure(ref, [k]) for k in range(len(ref.stems))]
-    for m in models[1:]:
+    for m, seeds in zip(models[1:], per_seed[1:]):
         excl = {metric: 0 for metric, _, _ in METRICS}
         total = 0
-        for a in range(len(m.stems)):
-            ma = measure(m, [a])
-            for b, mb in enumerate(ref_single):
+        for a, ma in enumerate(seeds):
+            for b, mb in enumerate(per_seed[0]):
                 cells = []
                 for metric, digits, _ in METRICS:
                     p = paired_summary(ma[metric][0], mb[metric][0], ma[metric][1], mb[metric][1],
